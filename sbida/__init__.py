@@ -1,0 +1,14 @@
+"""sbida: probabilistic data assimilation as simulation-based inference.
+
+Simulators produce trajectories, observation models turn them into sparse noisy observations, and windows of
+observations become datasets of ``(x_t, y_{t-T:t}, mask, t)`` from which posteriors ``p(x_t | y, t)`` are learned.
+"""
+
+from . import data, observations, simulators, tasks
+from .data import Window, WindowDataset, simulate_windows
+from .tasks import Task
+
+__version__ = "0.1.0"
+
+__all__ = ["data", "observations", "simulators", "tasks", "Window", "WindowDataset", "simulate_windows", "Task",
+           "__version__"]
