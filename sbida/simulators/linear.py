@@ -10,10 +10,14 @@ The shift is an integer number of cells and the diffusion weak, so :math:`A` sta
 (a fractional Fourier shift with the Nyquist mode makes it nearly singular).
 
 With observations :math:`y_j = H x_{s_j} + \sigma\varepsilon_j` at the times of a window, the posterior of the state
-at the window's start :math:`x_{s_0}` is Gaussian; :func:`gaussian_window_posterior` computes it by sequential
-Kalman updates (covariance form, Joseph update) with the observation operators :math:`H A^{s_j - s_0}`, and pushes
-it to the target time, :math:`\mathcal{N}(A^d m, A^d P A^{d\top})`. With deterministic dynamics this is the exact
-Kalman filter (target at the window's end) or smoother (target inside the window).
+at the window's start :math:`x_{s_0}` is Gaussian; :func:`gaussian_window_posterior` computes it in information
+form with the observation operators :math:`G_j = H A^{s_j - s_0}` (rows of missing values zeroed),
+
+.. math:: P^{-1} = P_0^{-1} + \sigma^{-2} \sum_j G_j^\top G_j, \qquad
+          P^{-1} m = P_0^{-1} m_0 + \sigma^{-2} \sum_j G_j^\top y_j,
+
+and pushes it to the target time, :math:`\mathcal{N}(A^d m, A^d P A^{d\top})`. With deterministic dynamics this is
+the exact Kalman filter (target at the window's end) or smoother (target inside the window).
 """
 
 from __future__ import annotations
@@ -134,21 +138,16 @@ def gaussian_window_posterior(y: Tensor, mask: Tensor, m0: Tensor, P0: Tensor, A
         Mean ``(B, D)`` and covariance ``(B, D, D)``.
     """
     B, T = y.shape[:2]
-    D = A.shape[0]
+    G = torch.stack([H @ torch.linalg.matrix_power(A, int(s)) for s in obs_steps])  # (T, M, D)
     yf = y.reshape(B, T, -1).to(torch.float64)
     mf = mask.reshape(B, T, -1).to(torch.float64)
-    m = m0.expand(B, D).clone()
-    P = P0.expand(B, D, D).clone()
-    eye = torch.eye(D, dtype=torch.float64, device=y.device)
-    R = sigma**2 * torch.eye(H.shape[0], dtype=torch.float64, device=y.device)
-    for j, s in enumerate(obs_steps):
-        G = (H @ torch.linalg.matrix_power(A, int(s))) * mf[:, j, :, None]  # (B, M, D), missing rows zeroed
-        S = G @ P @ G.mT + R
-        K = torch.linalg.solve(S, G @ P).mT  # P G^T S^{-1}, (B, D, M)
-        innov = yf[:, j] - (G @ m[..., None]).squeeze(-1)
-        m = m + (K @ innov[..., None]).squeeze(-1)
-        IKG = eye - K @ G
-        P = IKG @ P @ IKG.mT + sigma**2 * K @ K.mT
+    L0 = torch.linalg.cholesky(P0)
+    P0_inv = torch.cholesky_inverse(L0)
+    precision = P0_inv + torch.einsum("tmd,btm,tme->bde", G, mf, G) / sigma**2
+    info = P0_inv @ m0 + torch.einsum("tmd,btm->bd", G, mf * yf) / sigma**2
+    L = torch.linalg.cholesky(precision)
+    m = torch.cholesky_solve(info[..., None], L).squeeze(-1)
+    P = torch.cholesky_inverse(L)
     Ad = torch.linalg.matrix_power(A, int(target_step))
     m = m @ Ad.T
     P = Ad @ P @ Ad.T
