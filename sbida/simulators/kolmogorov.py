@@ -5,37 +5,41 @@ The incompressible Navier-Stokes equations on the periodic square :math:`[0, 2\p
 .. math:: \frac{\partial \omega}{\partial t} + \mathbf{u} \cdot \nabla \omega
           = \nu \nabla^2 \omega - \alpha \omega + f, \qquad \nu = 1 / \mathrm{Re},
 
-with the vorticity :math:`\omega = \partial_x v - \partial_y u`, the stream function :math:`\nabla^2 \psi = -\omega`,
-the velocity :math:`u = \partial_y \psi`, :math:`v = -\partial_x \psi`, a linear drag :math:`\alpha` and the
-Kolmogorov forcing :math:`\mathbf{f}_u = (\sin(k_f y), 0)` of the velocity, i.e. of the vorticity
+with the vorticity :math:`\omega = \partial_x v - \partial_y u`, the stream function
+:math:`\nabla^2 \psi = -\omega`, the velocity :math:`u = \partial_y \psi`, :math:`v = -\partial_x \psi`, a
+linear drag :math:`\alpha` and the Kolmogorov forcing :math:`\mathbf{f}_u = (\sin(k_f y), 0)` of the velocity,
+i.e. of the vorticity
 
 .. math:: f = \partial_x f_v - \partial_y f_u = -k_f \cos(k_f y).
 
-The shear flow :math:`u(y, t) = a(t) \sin(k_f y)`, :math:`v = 0` has :math:`\mathbf{u} \cdot \nabla \omega = 0`, so
-that from rest the flow follows the laminar profile :math:`a(t) = (1 - e^{-\lambda t}) / \lambda`,
-:math:`\lambda = \nu k_f^2 + \alpha`; at ``Re = 1000`` it is unstable and the flow becomes turbulent.
+The shear flow :math:`u(y, t) = a(t) \sin(k_f y)`, :math:`v = 0` has
+:math:`\mathbf{u} \cdot \nabla \omega = 0`, so that from rest the flow follows the laminar profile :math:`a(t)
+= (1 - e^{-\lambda t}) / \lambda`, :math:`\lambda = \nu k_f^2 + \alpha`; at ``Re = 1000`` it is unstable and
+the flow becomes turbulent.
 
-**Discretisation.** Pseudo-spectral on an :math:`N \times N` grid with ``torch.fft.rfft2``: the state is projected
-on the Fourier modes :math:`|k_x|, |k_y| \le K = \lfloor (N - 1) / 3 \rfloor` (2/3 rule), so that the quadratic
-products are free of aliasing on the kept modes (a Galerkin truncation: energy and enstrophy are conserved by the
-discrete advection). The advection is evaluated from the velocity only, with the identity (valid for
-divergence-free fields)
+**Discretisation.** Pseudo-spectral on an :math:`N \times N` grid with ``torch.fft.rfft2``: the state is
+projected on the Fourier modes :math:`|k_x|, |k_y| \le K = \lfloor (N - 1) / 3 \rfloor` (2/3 rule), so that
+the quadratic products are free of aliasing on the kept modes (a Galerkin truncation: energy and enstrophy are
+conserved by the discrete advection). The advection is evaluated from the velocity only, with the identity
+(valid for divergence-free fields)
 
-.. math:: \mathbf{u} \cdot \nabla \omega = (\partial_x^2 - \partial_y^2)(uv) + \partial_x \partial_y (v^2 - u^2),
+.. math:: \mathbf{u} \cdot \nabla \omega
+          = (\partial_x^2 - \partial_y^2)(uv) + \partial_x \partial_y (v^2 - u^2),
 
-which costs two inverse and two forward real FFTs per evaluation (the flux form :math:`\nabla \cdot (\mathbf{u}
-\omega)` costs five). Time stepping is the low-storage three-stage IMEX Runge-Kutta / Crank-Nicolson scheme of
-Spalart, Moser & Rogers (1991): advection and forcing explicit (third-order Runge-Kutta), diffusion and drag
-implicit (a Crank-Nicolson-like split of each stage, diagonal in Fourier space); second order overall. For stage
-:math:`s = 1, 2, 3`, with :math:`L = -\nu |k|^2 - \alpha` and :math:`N` the explicit tendency,
+which costs two inverse and two forward real FFTs per evaluation (the flux form
+:math:`\nabla \cdot (\mathbf{u} \omega)` costs five). Time stepping is the low-storage three-stage IMEX
+Runge-Kutta / Crank-Nicolson scheme of Spalart, Moser & Rogers (1991): advection and forcing explicit
+(third-order Runge-Kutta), diffusion and drag implicit (a Crank-Nicolson-like split of each stage, diagonal in
+Fourier space); second order overall. For stage :math:`s = 1, 2, 3`, with :math:`L = -\nu |k|^2 - \alpha` and
+:math:`N` the explicit tendency,
 
 .. math:: (1 - \beta_s h L)\, \hat\omega_s = (1 + \alpha_s h L)\, \hat\omega_{s-1}
           + \gamma_s h N(\hat\omega_{s-1}) + \zeta_s h N(\hat\omega_{s-2}).
 
-**Grid and axes.** Image convention: ``w[..., i, j]`` is the vorticity at :math:`y = 2\pi i / N` (second-to-last
-axis) and :math:`x = 2\pi j / N` (last axis); velocities are stacked as ``(..., 2, N, N)`` with channel 0 the
-:math:`x` component :math:`u` and channel 1 the :math:`y` component :math:`v`. The forcing depends on :math:`y`,
-i.e. on the row index.
+**Grid and axes.** Image convention: ``w[..., i, j]`` is the vorticity at :math:`y = 2\pi i / N`
+(second-to-last axis) and :math:`x = 2\pi j / N` (last axis); velocities are stacked as ``(..., 2, N, N)``
+with channel 0 the :math:`x` component :math:`u` and channel 1 the :math:`y` component :math:`v`. The forcing
+depends on :math:`y`, i.e. on the row index.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ _SMR_ZETA = (0.0, -17 / 60, -5 / 12)
 
 @dataclass
 class _Spectral:
-    """Fourier-space operators of an ``n x n`` grid (``m = n // 2 + 1`` rfft columns); Nyquist derivatives are 0."""
+    """Fourier operators of an ``n x n`` grid (``m = n // 2 + 1`` rfft columns); Nyquist derivatives are 0."""
 
     ikx: Tensor       # (1, m) complex, i k_x
     iky: Tensor       # (n, 1) complex, i k_y
@@ -70,7 +74,7 @@ class _Spectral:
 
 @dataclass
 class _Solver:
-    """Solver operators on the ``N x N`` grid: dealiasing mask, velocity and advection factors, stage factors."""
+    """Solver operators on the ``N x N`` grid: dealiasing mask, velocity, advection and stage factors."""
 
     mask: Tensor      # (N, M) real, 1 on the kept modes
     vel: Tensor       # (2, N, M) complex, masked velocity factors
@@ -83,7 +87,7 @@ class _Solver:
 
 
 def _wavenumbers(n: int, dtype: torch.dtype, device: torch.device | str | None) -> tuple[Tensor, Tensor]:
-    """Integer wavenumbers of an ``n x n`` grid in rfft2 layout: ``ky`` ``(n, 1)`` and ``kx`` ``(1, n // 2 + 1)``."""
+    """Integer wavenumbers of an ``n x n`` grid, rfft2 layout: ``ky`` ``(n, 1)``, ``kx`` ``(1, n//2 + 1)``."""
     ky = torch.fft.fftfreq(n, d=1.0 / n, dtype=dtype, device=device).reshape(n, 1)
     kx = torch.fft.rfftfreq(n, d=1.0 / n, dtype=dtype, device=device).reshape(1, n // 2 + 1)
     return ky, kx
@@ -92,30 +96,36 @@ def _wavenumbers(n: int, dtype: torch.dtype, device: torch.device | str | None) 
 class KolmogorovFlow(Simulator):
     r"""Two-dimensional Kolmogorov flow (vorticity, pseudo-spectral, IMEX RK3/CN), see the module docstring.
 
-    The state is the vorticity on the solver grid, ``(..., N, N)`` with ``N = resolution`` (rows along :math:`y`,
-    columns along :math:`x`); :meth:`output` is the velocity ``(u, v)`` average-pooled to ``(..., 2, R, R)`` with
-    ``R = output_resolution``. One :meth:`step` advances by ``dt`` with :attr:`inner_steps` solver sub-steps of
-    length :attr:`h` ``= dt / inner_steps``; states returned by :meth:`step` carry only the dealiased Fourier modes
-    (the input is projected on them first).
+    The state is the vorticity on the solver grid, ``(..., N, N)`` with ``N = resolution`` (rows along
+    :math:`y`, columns along :math:`x`); :meth:`output` is the velocity ``(u, v)`` mean-pooled to
+    ``(..., 2, R, R)`` with ``R = output_resolution``. One :meth:`step` advances by ``dt`` with
+    :attr:`inner_steps` solver sub-steps of length :attr:`h` ``= dt / inner_steps``; the states returned by
+    :meth:`step` carry only the dealiased Fourier modes (its input is projected on them first).
+
+    Wavenumber grids, dealiasing mask and implicit factors are built on first use for each (dtype, device) and
+    cached: change ``Re``, ``drag``, ``dt``... by making a new instance, not by setting attributes.
 
     Args:
-        resolution: solver grid size ``N`` (64 resolves ``Re = 1000``; smaller grids are allowed, for tests).
+        resolution: solver grid size ``N`` (64 by default; smaller grids are allowed, for tests). At
+            ``Re = 1000``, 64 resolves the energy-containing scales but not the end of the enstrophy cascade:
+            E(k) sits above a 128 x 128 reference from k ~ 14 on (x2 at the cutoff k = 21); 128 resolves it.
         output_resolution: size ``R`` of the pooled velocity; must divide ``resolution``.
         Re: Reynolds number, ``nu = 1 / Re``.
         drag: linear drag coefficient ``alpha``.
         forcing_wavenumber: ``k_f`` of the forcing ``(sin(k_f y), 0)``; must lie within the dealiased band.
         dt: time between two saved states (one call of :meth:`step`).
-        inner_steps: solver sub-steps per :meth:`step`; by default the smallest number such that the sub-step
-            satisfies the CFL condition ``h * u_max / dx <= 0.5`` for ``u_max = 5`` (the turbulent flow at the
-            default parameters peaks at ``|u|`` of about 4), ``dx = 2 pi / N``: ``h ~ 0.0098`` at ``N = 64``.
+        inner_steps: solver sub-steps per :meth:`step`. By default the smallest number such that
+            ``h u_max / dx <= 0.5`` (CFL) for ``u_max = 5`` and ``dx = 2 pi / N``: 21 sub-steps of 0.0095 for
+            ``dt = 0.2`` at ``N = 64`` (the turbulent flow has ``max |u|`` of about 3.6 on average, 6 at most;
+            sub-steps up to 0.02 were seen to be stable, 0.025 not).
         init_scale: root-mean-square speed ``sqrt(<u^2 + v^2>)`` of the random initial fields.
-        init_wavenumber: peak wavenumber of the energy spectrum ``E(k) ~ k^4 exp(-2 (k / k_0)^2)`` of the random
-            initial fields.
+        init_wavenumber: peak wavenumber ``k_0`` of the energy spectrum ``E(k) ~ k^4 exp(-2 (k / k_0)^2)``
+            of the random initial fields.
     """
 
-    def __init__(self, resolution: int = 64, output_resolution: int = 32, Re: float = 1000.0, drag: float = 0.1,
-                 forcing_wavenumber: int = 4, dt: float = 0.2, inner_steps: int | None = None,
-                 init_scale: float = 1.0, init_wavenumber: float = 4.0):
+    def __init__(self, resolution: int = 64, output_resolution: int = 32, Re: float = 1000.0,
+                 drag: float = 0.1, forcing_wavenumber: int = 4, dt: float = 0.2,
+                 inner_steps: int | None = None, init_scale: float = 1.0, init_wavenumber: float = 4.0):
         super().__init__()
         if int(resolution) != resolution or resolution < 8:
             raise ValueError(f"resolution must be an integer >= 8, got {resolution}")
@@ -132,8 +142,8 @@ class KolmogorovFlow(Simulator):
         self.N, self.R = int(resolution), int(output_resolution)
         self.kmax = (self.N - 1) // 3  # 2/3 rule: |k_x|, |k_y| <= kmax
         if int(forcing_wavenumber) != forcing_wavenumber or not 1 <= forcing_wavenumber <= self.kmax:
-            raise ValueError(f"forcing_wavenumber must be an integer in [1, {self.kmax}] at resolution {self.N}, "
-                             f"got {forcing_wavenumber}")
+            raise ValueError(f"forcing_wavenumber must be an integer in [1, {self.kmax}] at resolution "
+                             f"{self.N}, got {forcing_wavenumber}")
         if inner_steps is None:
             h_cfl = 0.5 * (2 * math.pi / self.N) / 5.0
             inner_steps = max(1, math.ceil(dt / h_cfl - 1e-9))
@@ -159,7 +169,7 @@ class KolmogorovFlow(Simulator):
             dky = torch.where(ky.abs() == n / 2, torch.zeros_like(ky), ky)
             dkx = torch.where(kx.abs() == n / 2, torch.zeros_like(kx), kx)
             k2 = kx**2 + ky**2
-            inv_k2 = torch.where(k2 > 0, 1.0 / torch.where(k2 > 0, k2, torch.ones_like(k2)), torch.zeros_like(k2))
+            inv_k2 = torch.where(k2 > 0, 1.0 / k2.clamp(min=1.0), torch.zeros_like(k2))
             ikx, iky = 1j * dkx, 1j * dky
             vel = torch.stack((iky * inv_k2, -ikx * inv_k2))
             weight = torch.full_like(k2, 2.0)
@@ -198,15 +208,17 @@ class KolmogorovFlow(Simulator):
                 Z.append(z * h * inv)
                 F.append((g + z) * h * inv * f_hat)
             k = (kx**2 + ky**2).sqrt()
-            k0 = self.init_wavenumber
             # |omega_hat|^2 ~ k E(k) with E(k) ~ k^4 exp(-2 (k / k0)^2)
-            init = k**2.5 * torch.exp(-((k / k0) ** 2)) * mask
+            init = k**2.5 * torch.exp(-((k / self.init_wavenumber) ** 2)) * mask
             ops = _Solver(mask=mask, vel=vel, adv=adv, A=A, G=G, Z=Z, F=F, init=init)
             self._solver[key] = ops
         return ops
 
-    def _check_grid(self, x: Tensor, shape: tuple[int, ...], name: str) -> None:
-        if not isinstance(x, Tensor) or x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+    @staticmethod
+    def _check_grid(x: Tensor, shape: tuple[int, ...], name: str) -> None:
+        """Cheap check (no device sync) of a floating tensor ``(..., *shape)``."""
+        n = len(shape)
+        if not isinstance(x, Tensor) or x.dim() < n or tuple(x.shape[x.dim() - n:]) != shape:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{name} must have shape (..., {', '.join(map(str, shape))}), got {got}")
         if not x.is_floating_point():
@@ -228,14 +240,18 @@ class KolmogorovFlow(Simulator):
     # ------------------------------------------------------------------ dynamics
 
     def _advection(self, w_hat: Tensor, ops: _Solver) -> Tensor:
-        """Dealiased ``-(u . grad) omega`` in Fourier space: ``(..., N, M)`` complex -> ``(..., N, M)`` complex."""
+        """Dealiased ``-(u . grad) omega`` in Fourier space, ``(..., N, M)`` -> ``(..., N, M)`` complex.
+
+        Two inverse FFTs (u, v) and two forward ones (uv, v^2 - u^2), batched in one call each.
+        """
         uv = torch.fft.irfft2(w_hat.unsqueeze(-3) * ops.vel, s=(self.N, self.N))
         u, v = uv.unbind(-3)
         q = torch.fft.rfft2(torch.stack((u * v, (v - u) * (v + u)), dim=-3))
         return (q * ops.adv).sum(-3)
 
     def substep(self, w_hat: Tensor) -> Tensor:
-        """One IMEX RK3/CN sub-step of length :attr:`h` on dealiased Fourier coefficients ``(..., N, N // 2 + 1)``."""
+        """One IMEX RK3/CN sub-step of length :attr:`h` on dealiased Fourier coefficients of the vorticity
+        (``torch.fft.rfft2`` of the state, times the dealiasing mask), ``(..., N, N // 2 + 1)`` complex."""
         ops = self._solver_ops(w_hat.real.dtype, w_hat.device)
         n_prev = None
         for s in range(3):
@@ -255,14 +271,14 @@ class KolmogorovFlow(Simulator):
             w_hat = self.substep(w_hat)
         return torch.fft.irfft2(w_hat, s=self.state_shape)
 
-    def initial_state(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
-                      device: torch.device | str | None = None) -> Tensor:
+    def initial_state(self, n: int, generator: torch.Generator | None = None,
+                      dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
         """``n`` random smooth vorticity fields ``(n, N, N)``.
 
-        Gaussian white noise filtered in Fourier space to the energy spectrum ``E(k) ~ k^4 exp(-2 (k / k_0)^2)``
-        (peak at ``k_0 = init_wavenumber``, dealiased band only, zero mean), each field then scaled to the rms
-        speed ``init_scale``. The noise is drawn on the generator's device, so a given generator gives the same
-        fields on any ``device``.
+        Gaussian white noise filtered in Fourier space to the energy spectrum ``E(k) ~ k^4 exp(-2 (k /
+        k_0)^2)`` (peak at ``k_0 = init_wavenumber``, dealiased band only, zero mean), each field then scaled
+        to the rms speed ``init_scale``. The noise is drawn on the generator's device (then moved to
+        ``device``), so that a generator gives the same fields whatever ``device``.
         """
         dtype = dtype or torch.get_default_dtype()
         gen_device = generator.device if generator is not None else device
@@ -275,14 +291,14 @@ class KolmogorovFlow(Simulator):
     # ------------------------------------------------------------------ diagnostics and observation
 
     def velocity(self, w: Tensor) -> Tensor:
-        """Velocity ``(u, v)`` of vorticity fields (spectral, from the stream function): ``(..., n, n)`` ->
+        """Velocity ``(u, v)`` of vorticity fields, spectrally from the stream function: ``(..., n, n)`` ->
         ``(..., 2, n, n)``, any ``n`` (the solver grid ``N`` for states); the mean of ``w`` is ignored."""
         n = self._square_size(w, None, "vorticity")
         ops = self._spectral_ops(n, w.dtype, w.device)
         return torch.fft.irfft2(torch.fft.rfft2(w).unsqueeze(-3) * ops.vel, s=(n, n))
 
     def vorticity_from_velocity(self, uv: Tensor) -> Tensor:
-        """Spectral curl ``dv/dx - du/dy`` of velocity fields: ``(..., 2, n, n)`` -> ``(..., n, n)``, any ``n``."""
+        """Spectral curl ``dv/dx - du/dy`` of velocities, ``(..., 2, n, n)`` -> ``(..., n, n)``, any ``n``."""
         n = self._square_size(uv, 2, "velocity")
         ops = self._spectral_ops(n, uv.dtype, uv.device)
         uv_hat = torch.fft.rfft2(uv)
@@ -294,8 +310,8 @@ class KolmogorovFlow(Simulator):
 
     def output(self, x: Tensor) -> Tensor:
         """Velocity on the solver grid, mean-pooled over ``r x r`` cells (``r = N / R``): ``(..., N, N)`` ->
-        ``(..., 2, R, R)``. Output pixel ``[c, i, j]`` averages the solver points ``[c, i r : (i+1) r, j r : (j+1) r]``.
-        """
+        ``(..., 2, R, R)``. Output pixel ``[c, i, j]`` is the mean of the solver points
+        ``[c, i r : (i + 1) r, j r : (j + 1) r]``."""
         self._check_grid(x, self.state_shape, "state")
         uv = self.velocity(x)
         r = self.N // self.R
@@ -304,15 +320,16 @@ class KolmogorovFlow(Simulator):
         return uv.unflatten(-1, (self.R, r)).unflatten(-3, (self.R, r)).mean(dim=(-1, -3))
 
     def lift(self, uv: Tensor, deconvolve: bool = True) -> Tensor:
-        """Solver-grid vorticity from a pooled velocity: ``(..., 2, R, R)`` -> ``(..., N, N)``, an approximate inverse
-        of :meth:`output`.
+        """Solver-grid vorticity from a pooled velocity, ``(..., 2, R, R)`` -> ``(..., N, N)``: an approximate
+        inverse of :meth:`output`.
 
-        The spectral curl on the ``R x R`` grid, its Fourier coefficients zero-padded to the ``N x N`` grid (the
-        coarse Nyquist modes dropped). With ``deconvolve`` (default) the transfer function of the ``r x r`` mean
-        pooling (a half-cell shift and a low-pass ``sin(k r dx / 2) / (r sin(k dx / 2))`` per axis) is divided out
-        first, so that ``lift(output(w)) == w`` exactly for zero-mean fields whose Fourier modes satisfy
-        ``|k_x|, |k_y| < R / 2``; the modes of ``w`` beyond that (up to ``N / 3``) are lost to the pooling (and
-        alias onto the kept ones), hence only an approximate inverse in general.
+        The spectral curl on the ``R x R`` grid, its Fourier coefficients zero-padded to the ``N x N`` grid
+        (the coarse Nyquist modes dropped). With ``deconvolve`` (default) the transfer function of the ``r x
+        r`` mean pooling (a half-cell shift and a low-pass ``sin(k r dx / 2) / (r sin(k dx / 2))`` per axis)
+        is divided out first, so that ``lift(output(w)) == w`` exactly for zero-mean fields whose Fourier
+        modes all have ``|k_x|, |k_y| < R / 2``. The modes of ``w`` beyond that (up to ``N / 3``) are lost to
+        the pooling (and alias onto the kept ones), hence only an approximate inverse in general (about 20 %
+        relative error on the vorticity of a turbulent state at the default parameters).
         """
         self._check_grid(uv, self.output_shape, "velocity")
         R, N, r = self.R, self.N, self.N // self.R
@@ -331,20 +348,20 @@ class KolmogorovFlow(Simulator):
         return torch.fft.irfft2(w_hat, s=(N, N))
 
     def _pool_transfer(self, k: Tensor, r: int) -> Tensor:
-        """Transfer function ``(1/r) sum_m exp(i k m dx)`` of the mean over ``r`` solver points, ``dx = 2 pi / N``."""
+        """Transfer ``(1/r) sum_m exp(i k m dx)`` of the mean over ``r`` solver points, ``dx = 2 pi / N``."""
         m = torch.arange(r, dtype=k.dtype, device=k.device)
         phase = k.unsqueeze(-1) * m * (2 * math.pi / self.N)
         return torch.complex(phase.cos(), phase.sin()).mean(-1)
 
     def kinetic_energy(self, w: Tensor) -> Tensor:
-        """Kinetic energy per unit area ``<u^2 + v^2> / 2`` of vorticity fields ``(..., n, n)`` -> ``(...)``."""
+        """Kinetic energy per unit area ``<u^2 + v^2> / 2`` of vorticities, ``(..., n, n)`` -> ``(...)``."""
         n = self._square_size(w, None, "vorticity")
         ops = self._spectral_ops(n, w.dtype, w.device)
         e = (torch.fft.rfft2(w).unsqueeze(-3) * ops.vel).abs().square().sum(-3)
         return 0.5 * (e * ops.weight).sum((-2, -1)) / float(n) ** 4
 
     def energy_spectrum(self, w: Tensor) -> Tensor:
-        """Shell-summed kinetic energy spectrum ``E(k)``, ``k = 0 .. n/2 - 1``: ``(..., n, n)`` -> ``(..., n // 2)``.
+        """Shell-summed kinetic energy spectrum ``E(k)``, ``(..., n, n)`` -> ``(..., n // 2)``, ``k < n / 2``.
 
         ``E[k]`` sums ``(|u_hat|^2 + |v_hat|^2) / 2`` (normalised per unit area) over the modes with
         ``round(|k|) == k``, so that ``E.sum(-1)`` is :meth:`kinetic_energy` but for the modes with
