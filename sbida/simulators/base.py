@@ -31,6 +31,12 @@ def check_state(x: Tensor, shape: tuple[int, ...], name: str = "state") -> None:
         raise ValueError(f"{name} contains {n} NaN or infinite value(s)")
 
 
+def _all_finite(x: Tensor) -> bool:
+    """Whether every value of ``x`` is finite; one reduction when they are (a finite sum implies finite terms)."""
+    x = x.detach()
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 class Simulator(nn.Module):
     """Base class of the simulators.
 
@@ -40,6 +46,7 @@ class Simulator(nn.Module):
 
     state_shape: tuple[int, ...]
     dt: float
+    check_every: int = 8  # steps between two finiteness tests in rollout
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -72,7 +79,9 @@ class Simulator(nn.Module):
             steps: number of calls of :meth:`step`; must be a multiple of ``every``.
             every: keep one state every ``every`` steps.
             check: validate ``x`` and stop with a ``ValueError`` naming the step at which the states stop being
-                finite (a time step too large for the dynamics, say).
+                finite (a time step too large for the dynamics, say). The states are tested every
+                :attr:`check_every` steps (and after the last one); on a failure the steps since the last good
+                state are replayed one by one to name the first non-finite one.
             output: keep :meth:`output` of the states rather than the states (less memory).
             callback: called with no argument after each kept state (a progress bar's update, say).
 
@@ -85,19 +94,45 @@ class Simulator(nn.Module):
             self.check(x)
         keep = self.output if output else (lambda z: z)
         n = len(self.output_shape if output else self.state_shape)
-        states = [keep(x)]
+        first = keep(x)
+        dim = first.dim() - n  # the time axis of the trajectory
+        # Without autograd the kept states go straight into the trajectory (no list of tensors, no final copy);
+        # with it they are stacked, which keeps the trajectory differentiable.
+        graph = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if graph:
+            states = [first]
+        else:
+            traj = first.new_empty(*first.shape[:dim], steps // every + 1, *first.shape[dim:])
+            traj.select(dim, 0).copy_(first)
+        good, good_step = x, 0  # the last state that passed the check
         for s in range(1, steps + 1):
             x = self.step(x)
-            if check and not torch.isfinite(x.detach()).all():
-                raise ValueError(
-                    f"{type(self).__name__} blew up at step {s} (time {s * self.dt:.4g}): the state is no longer "
-                    f"finite. The time step dt={self.dt:g} is probably too large for these dynamics; try a smaller dt."
-                )
+            if check and (s % self.check_every == 0 or s == steps):
+                if not _all_finite(x):
+                    self._blew_up(good, good_step, s)
+                good, good_step = x, s
             if s % every == 0:
-                states.append(keep(x))
+                if graph:
+                    states.append(keep(x))
+                else:
+                    traj.select(dim, s // every).copy_(keep(x))
                 if callback is not None:
                     callback()
-        return torch.stack(states, dim=states[0].dim() - n)
+        return torch.stack(states, dim=dim) if graph else traj
+
+    def _blew_up(self, x: Tensor, start: int, stop: int) -> None:
+        """Replay the steps ``start + 1 .. stop`` from the finite state ``x`` and raise naming the first bad one."""
+        bad = stop
+        with torch.no_grad():
+            for s in range(start + 1, stop + 1):
+                x = self.step(x)
+                if not torch.isfinite(x).all():
+                    bad = s
+                    break
+        raise ValueError(
+            f"{type(self).__name__} blew up at step {bad} (time {bad * self.dt:.4g}): the state is no longer "
+            f"finite. The time step dt={self.dt:g} is probably too large for these dynamics; try a smaller dt."
+        )
 
     def extra_repr(self) -> str:
         return f"state_shape={self.state_shape}, dt={self.dt:g}"

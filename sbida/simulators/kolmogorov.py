@@ -328,7 +328,7 @@ class KolmogorovFlow(Simulator):
         r`` mean pooling (a half-cell shift and a low-pass ``sin(k r dx / 2) / (r sin(k dx / 2))`` per axis)
         is divided out first, so that ``lift(output(w)) == w`` exactly for zero-mean fields whose Fourier
         modes all have ``|k_x|, |k_y| < R / 2``. The modes of ``w`` beyond that (up to ``N / 3``) are lost to
-        the pooling (and alias onto the kept ones), hence only an approximate inverse in general (about 20 %
+        the pooling (and alias onto the kept ones), hence only an approximate inverse in general (about 25 %
         relative error on the vorticity of a turbulent state at the default parameters).
         """
         self._check_grid(uv, self.output_shape, "velocity")
