@@ -1,0 +1,319 @@
+r"""Posteriors over the state of a batch of windows: one interface for every estimator and baseline.
+
+A :class:`Posterior` stands for ``B`` distributions :math:`p(x_t \mid y^{(b)}_{t-T:t}, t^{(b)})`, one per window of a
+batch, over states of shape ``state_shape``. All kinds have
+
+- ``sample(n, generator=None) -> (n, B, *state_shape)``,
+- ``mean() -> (B, *state_shape)`` and ``std() -> (B, *state_shape)`` (marginal standard deviations),
+- ``log_prob(x) -> (..., B)`` for ``x`` of shape ``(..., B, *state_shape)``, only where the method defines a
+  density; the others raise :class:`NotImplementedError` and say so (``has_log_prob`` tells in advance).
+
+Kinds:
+
+- :class:`EnsemblePosterior`: a fixed ensemble (EnKF/EnKS, an ensemble of networks, MCMC draws).
+- :class:`GaussianPosterior`: mean and covariance, or its Cholesky factor, or marginal standard deviations
+  (optimal interpolation, 4D-Var's Laplace approximation, the linear-Gaussian exact posterior).
+- :class:`DistributionPosterior`: any ``torch.distributions.Distribution`` over flat states with batch shape
+  ``(B,)`` (a zuko flow conditioned on the windows).
+- :class:`SamplerPosterior`: a sampling function, plus optional mean and density functions (score SDEs, ratio
+  estimators with MCMC).
+- :class:`PointPosterior`: a point estimate without uncertainty (every sample is the estimate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution, MultivariateNormal, Normal
+
+__all__ = [
+    "Posterior",
+    "EnsemblePosterior",
+    "GaussianPosterior",
+    "DistributionPosterior",
+    "SamplerPosterior",
+    "PointPosterior",
+]
+
+
+def _seed_from(generator: torch.Generator | None) -> int | None:
+    """A seed drawn from ``generator`` (for code that only uses the global generator), or ``None``."""
+    if generator is None:
+        return None
+    return int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+
+
+class Posterior:
+    """Base class: ``B`` posteriors over states of shape ``state_shape``.
+
+    Subclasses implement :meth:`sample`; :meth:`mean` and :meth:`std` default to Monte Carlo estimates from
+    ``n_moments`` samples (fixed seed, so repeated calls agree), :meth:`log_prob` to a ``NotImplementedError``.
+    """
+
+    state_shape: tuple[int, ...]
+    batch_size: int
+    n_moments: int = 256
+    has_log_prob: bool = False
+
+    @property
+    def event_size(self) -> int:
+        """Number of values in one state, ``prod(state_shape)``."""
+        return math.prod(self.state_shape)
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` samples for each window: ``(n, B, *state_shape)``."""
+        raise NotImplementedError
+
+    def _moment_samples(self) -> Tensor:
+        cached = getattr(self, "_moment_cache", None)
+        if cached is None:
+            g = torch.Generator(device=self._device()).manual_seed(0)
+            cached = self._moment_cache = self.sample(self.n_moments, generator=g)
+        return cached
+
+    def _device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def mean(self) -> Tensor:
+        """Posterior mean of each window, ``(B, *state_shape)``."""
+        return self._moment_samples().mean(0)
+
+    def std(self) -> Tensor:
+        """Marginal posterior standard deviations, ``(B, *state_shape)``."""
+        return self._moment_samples().std(0)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Log-density of states ``x`` of shape ``(..., B, *state_shape)`` under each window's posterior: ``(..., B)``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no density: this method gives samples only (use sample-based diagnostics)"
+        )
+
+    def _check_x(self, x: Tensor) -> Tensor:
+        """``x`` as ``(..., B, D)`` after checking its trailing shape."""
+        tail = (self.batch_size, *self.state_shape)
+        if tuple(x.shape[x.dim() - len(tail):]) != tail:
+            raise ValueError(f"expected states of shape (..., {', '.join(map(str, tail))}), got {tuple(x.shape)}")
+        return x.reshape(*x.shape[: x.dim() - len(self.state_shape)], self.event_size)
+
+    def _check_n(self, n: int) -> int:
+        if int(n) != n or n < 1:
+            raise ValueError(f"the number of samples must be a positive integer, got {n}")
+        return int(n)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(batch_size={self.batch_size}, state_shape={self.state_shape})"
+
+
+class EnsemblePosterior(Posterior):
+    """An ensemble of ``M`` members per window, ``(M, B, *state_shape)``.
+
+    ``sample(n)`` returns ``n`` members drawn without replacement when ``n <= M`` (all of them, in a random order,
+    when ``n == M``) and with replacement otherwise. ``mean`` and ``std`` are the ensemble's (``std`` with the
+    ``M - 1`` denominator).
+    """
+
+    def __init__(self, members: Tensor, state_shape: tuple[int, ...] | None = None):
+        if members.dim() < 2:
+            raise ValueError(f"members must be (M, B, *state_shape), got shape {tuple(members.shape)}")
+        self.state_shape = tuple(state_shape) if state_shape is not None else tuple(members.shape[2:])
+        if tuple(members.shape[2:]) != self.state_shape:
+            raise ValueError(f"members of shape {tuple(members.shape)} do not end with state_shape {self.state_shape}")
+        if not torch.isfinite(members).all():
+            raise ValueError("the ensemble contains NaN or infinite values")
+        self.members = members
+        self.batch_size = members.shape[1]
+
+    @property
+    def size(self) -> int:
+        """Ensemble size ``M``."""
+        return self.members.shape[0]
+
+    def _device(self) -> torch.device:
+        return self.members.device
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        n, M = self._check_n(n), self.size
+        if n <= M:
+            idx = torch.randperm(M, generator=generator, device=generator.device if generator else None)[:n]
+        else:
+            idx = torch.randint(M, (n,), generator=generator, device=generator.device if generator else None)
+        return self.members[idx.to(self.members.device)]
+
+    def mean(self) -> Tensor:
+        return self.members.mean(0)
+
+    def std(self) -> Tensor:
+        return self.members.std(0) if self.size > 1 else torch.zeros_like(self.members[0])
+
+
+class GaussianPosterior(Posterior):
+    """Gaussian posteriors ``N(mean_b, C_b)`` over flattened states.
+
+    Give exactly one of ``cov`` ``(B, D, D)``, ``scale_tril`` ``(B, D, D)`` (lower Cholesky factor) or ``std``
+    ``(B, *state_shape)`` (independent marginals), with ``mean`` of shape ``(B, *state_shape)`` and
+    ``D = prod(state_shape)``. Sampling and densities go through ``torch.distributions``.
+    """
+
+    has_log_prob = True
+
+    def __init__(self, mean: Tensor, cov: Tensor | None = None, scale_tril: Tensor | None = None,
+                 std: Tensor | None = None):
+        if sum(a is not None for a in (cov, scale_tril, std)) != 1:
+            raise ValueError("give exactly one of cov, scale_tril or std")
+        if mean.dim() < 2:
+            raise ValueError(f"mean must be (B, *state_shape), got shape {tuple(mean.shape)}")
+        if not torch.isfinite(mean).all():
+            raise ValueError("the posterior mean contains NaN or infinite values")
+        self.batch_size, self.state_shape = mean.shape[0], tuple(mean.shape[1:])
+        self._mean = mean
+        B, D = self.batch_size, self.event_size
+        loc = mean.reshape(B, D)
+        if std is not None:
+            if std.shape != mean.shape:
+                raise ValueError(f"std must have the shape of mean {tuple(mean.shape)}, got {tuple(std.shape)}")
+            self._std = std
+            self.dist = torch.distributions.Independent(Normal(loc, std.reshape(B, D)), 1)
+            return
+        matrix = cov if cov is not None else scale_tril
+        if tuple(matrix.shape) != (B, D, D):
+            name = "cov" if cov is not None else "scale_tril"
+            raise ValueError(f"{name} must be (B, D, D) = ({B}, {D}, {D}), got {tuple(matrix.shape)}")
+        if cov is not None:
+            self.dist = MultivariateNormal(loc, covariance_matrix=cov)
+            self._std = cov.diagonal(dim1=-2, dim2=-1).sqrt().reshape(mean.shape)
+        else:
+            self.dist = MultivariateNormal(loc, scale_tril=scale_tril)
+            self._std = scale_tril.square().sum(-1).sqrt().reshape(mean.shape)
+
+    def _device(self) -> torch.device:
+        return self._mean.device
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        n = self._check_n(n)
+        B, D = self.batch_size, self.event_size
+        z = torch.randn(n, B, D, generator=generator, dtype=self._mean.dtype, device=self._mean.device)
+        if isinstance(self.dist, MultivariateNormal):
+            x = self.dist.loc + (self.dist.scale_tril @ z.unsqueeze(-1)).squeeze(-1)
+        else:
+            x = self.dist.base_dist.loc + self.dist.base_dist.scale * z
+        return x.reshape(n, B, *self.state_shape)
+
+    def mean(self) -> Tensor:
+        return self._mean
+
+    def std(self) -> Tensor:
+        return self._std
+
+    def covariance(self) -> Tensor:
+        """Covariance matrices ``(B, D, D)``."""
+        if isinstance(self.dist, MultivariateNormal):
+            return self.dist.covariance_matrix
+        return torch.diag_embed(self._std.reshape(self.batch_size, -1).square())
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return self.dist.log_prob(self._check_x(x).to(self._mean.dtype))
+
+
+class DistributionPosterior(Posterior):
+    """A ``torch.distributions.Distribution`` with batch shape ``(B,)`` over flat states ``(D,)``.
+
+    Samples are reshaped to ``state_shape``. A ``generator`` seeds the global generator inside a
+    :func:`torch.random.fork_rng` block (distributions draw from the global generator), so sampling with the same
+    generator state gives the same samples without touching the caller's random state.
+    """
+
+    has_log_prob = True
+
+    def __init__(self, dist: Distribution, state_shape: tuple[int, ...], sample_batch: int | None = None):
+        self.dist, self.state_shape = dist, tuple(state_shape)
+        if len(dist.batch_shape) != 1 or tuple(dist.event_shape) != (math.prod(self.state_shape),):
+            raise ValueError(
+                f"expected a distribution with batch shape (B,) and event shape ({math.prod(self.state_shape)},), "
+                f"got batch shape {tuple(dist.batch_shape)} and event shape {tuple(dist.event_shape)}"
+            )
+        self.batch_size = dist.batch_shape[0]
+        self.sample_batch = sample_batch
+
+    def _draw(self, n: int) -> Tensor:
+        if self.sample_batch is None or n <= self.sample_batch:
+            return self.dist.sample((n,))
+        return torch.cat([self.dist.sample((min(self.sample_batch, n - i),)) for i in range(0, n, self.sample_batch)])
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        n = self._check_n(n)
+        seed = _seed_from(generator)
+        if seed is None:
+            x = self._draw(n)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                x = self._draw(n)
+        return x.reshape(n, self.batch_size, *self.state_shape)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return self.dist.log_prob(self._check_x(x))
+
+
+class SamplerPosterior(Posterior):
+    """A posterior given by functions of the batch it stands for.
+
+    Args:
+        sample_fn: ``(n, generator) -> (n, B, *state_shape)``.
+        batch_size: ``B``.
+        state_shape: the shape of one state.
+        mean_fn: optional ``() -> (B, *state_shape)``; otherwise a Monte Carlo mean.
+        log_prob_fn: optional ``x (..., B, *state_shape) -> (..., B)``; without it :meth:`log_prob` raises.
+        device: where the samples live (for the generator of the Monte Carlo moments).
+    """
+
+    def __init__(self, sample_fn: Callable[[int, torch.Generator | None], Tensor], batch_size: int,
+                 state_shape: tuple[int, ...], mean_fn: Callable[[], Tensor] | None = None,
+                 log_prob_fn: Callable[[Tensor], Tensor] | None = None, device: torch.device | str = "cpu"):
+        self.sample_fn, self.mean_fn, self.log_prob_fn = sample_fn, mean_fn, log_prob_fn
+        self.batch_size, self.state_shape = int(batch_size), tuple(state_shape)
+        self.has_log_prob = log_prob_fn is not None
+        self.device = torch.device(device)
+
+    def _device(self) -> torch.device:
+        return self.device
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        x = self.sample_fn(self._check_n(n), generator)
+        expected = (n, self.batch_size, *self.state_shape)
+        if tuple(x.shape) != expected:
+            raise ValueError(f"the sampler returned shape {tuple(x.shape)}, expected {expected}")
+        return x
+
+    def mean(self) -> Tensor:
+        return self.mean_fn() if self.mean_fn is not None else super().mean()
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        if self.log_prob_fn is None:
+            return super().log_prob(x)
+        self._check_x(x)
+        return self.log_prob_fn(x)
+
+
+class PointPosterior(Posterior):
+    """A point estimate ``(B, *state_shape)`` without uncertainty: every sample is the estimate, ``std`` is 0."""
+
+    def __init__(self, estimate: Tensor):
+        if estimate.dim() < 2:
+            raise ValueError(f"estimate must be (B, *state_shape), got shape {tuple(estimate.shape)}")
+        self.estimate = estimate
+        self.batch_size, self.state_shape = estimate.shape[0], tuple(estimate.shape[1:])
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.estimate.expand(self._check_n(n), *self.estimate.shape)
+
+    def mean(self) -> Tensor:
+        return self.estimate
+
+    def std(self) -> Tensor:
+        return torch.zeros_like(self.estimate)
