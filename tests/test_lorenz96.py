@@ -80,6 +80,22 @@ def test_gradient_through_rollout_matches_finite_differences():
     assert torch.autograd.gradcheck(rollout, (x0, F), eps=1e-6, atol=1e-5)
 
 
+def test_forward_mode_and_vmap_through_the_fast_path():
+    """jvp, jacfwd under vmap and forward-AD duals must not take the in-place no-grad shortcut (zero tangents)."""
+    sim = Lorenz96(K=8, dt=0.05)
+    g = torch.Generator().manual_seed(3)
+    x, v = torch.randn(4, 8, generator=g, dtype=torch.float64), torch.randn(4, 8, generator=g, dtype=torch.float64)
+    fd = (sim.rollout(x + 1e-6 * v, 10) - sim.rollout(x - 1e-6 * v, 10)) / 2e-6
+    _, tangent = torch.func.jvp(lambda z: sim.rollout(z, 10), (x,), (v,))
+    assert (tangent - fd).abs().max() < 1e-6 * fd.abs().max()
+    J = torch.vmap(torch.func.jacfwd(lambda z: sim.rollout(z[None], 10)[0, -1]))(x)  # (4, 8, 8)
+    assert torch.allclose(J @ v[..., None], fd[:, -1, :, None], atol=1e-6 * fd.abs().max())
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, v)
+        out = torch.autograd.forward_ad.unpack_dual(sim.rollout(dual, 10)).tangent
+    assert torch.allclose(out, fd, atol=1e-6 * fd.abs().max())
+
+
 def test_learnable_forcing_gets_its_gradient():
     """F as an nn.Parameter of the module: autograd derivative = central finite difference."""
     x0 = torch.randn(3, 10, dtype=torch.float64)

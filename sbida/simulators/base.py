@@ -31,6 +31,21 @@ def check_state(x: Tensor, shape: tuple[int, ...], name: str = "state") -> None:
         raise ValueError(f"{name} contains {n} NaN or infinite value(s)")
 
 
+def needs_derivatives(x: Tensor, module: nn.Module | None = None) -> bool:
+    """Whether operations on ``x`` must keep derivatives: autograd (``x`` or a parameter of ``module`` requires a
+    gradient), forward-mode AD (a dual tensor) or a ``torch.func`` transform (``vmap``, ``jvp``, ``grad``...).
+
+    In-place or ``out=`` shortcuts are only safe when this is ``False``.
+    """
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return True
+    if torch.autograd.forward_ad.unpack_dual(x).tangent is not None:
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or (module is not None and any(p.requires_grad for p in module.parameters()))
+
+
 def _all_finite(x: Tensor) -> bool:
     """Whether every value of ``x`` is finite; one reduction when they are (a finite sum implies finite terms)."""
     x = x.detach()
@@ -81,7 +96,8 @@ class Simulator(nn.Module):
             check: validate ``x`` and stop with a ``ValueError`` naming the step at which the states stop being
                 finite (a time step too large for the dynamics, say). The states are tested every
                 :attr:`check_every` steps (and after the last one); on a failure the steps since the last good
-                state are replayed one by one to name the first non-finite one.
+                state are replayed one by one to name the first non-finite one. Under ``torch.vmap`` and the
+                other ``torch.func`` transforms, where values cannot be inspected, no test is made.
             output: keep :meth:`output` of the states rather than the states (less memory).
             callback: called with no argument after each kept state (a progress bar's update, say).
 
@@ -90,6 +106,7 @@ class Simulator(nn.Module):
         """
         if steps < 0 or every < 1 or steps % every:
             raise ValueError(f"steps must be a non-negative multiple of every >= 1, got steps={steps}, every={every}")
+        check = check and not torch._C._functorch.is_functorch_wrapped_tensor(x)
         if check:
             self.check(x)
         keep = self.output if output else (lambda z: z)
@@ -98,7 +115,7 @@ class Simulator(nn.Module):
         dim = first.dim() - n  # the time axis of the trajectory
         # Without autograd the kept states go straight into the trajectory (no list of tensors, no final copy);
         # with it they are stacked, which keeps the trajectory differentiable.
-        graph = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        graph = needs_derivatives(x, self)
         if graph:
             states = [first]
         else:

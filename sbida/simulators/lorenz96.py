@@ -31,7 +31,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .base import Simulator
+from .base import Simulator, needs_derivatives
 from .integrators import rk4_step
 
 __all__ = ["Lorenz96", "TwoScaleLorenz96", "lorenz96_tendency"]
@@ -159,8 +159,7 @@ class Lorenz96(Simulator):
 
     def _fast(self, x: Tensor) -> bool:
         """Whether ``x`` can take the fused or compiled path: no closure, no gradient wanted."""
-        return (self.backend != "reference" and self.closure is None
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.F.requires_grad)))
+        return self.backend != "reference" and self.closure is None and not needs_derivatives(x, self)
 
     def _use_compiled(self, x: Tensor) -> bool:
         if self.backend == "compile":
