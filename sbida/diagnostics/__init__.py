@@ -1,0 +1,32 @@
+"""Diagnostics of posteriors over states: calibration (coverage, SBC, TARP), two-sample tests, scores, arviz.
+
+Every function takes a :class:`~sbida.posterior.Posterior` or its samples ``(n, B, *state_shape)`` with the truths
+``(B, *state_shape)``; :func:`evaluate` runs all of them over a dataset of windows.
+"""
+
+from .c2st import c2st
+from .coverage import (
+    CoverageResult,
+    central_credibility,
+    coverage_curve,
+    default_levels,
+    distance_credibility,
+    expected_coverage,
+    hpd_credibility,
+)
+from .evaluate import EvaluationResult, as_posterior_fn, evaluate
+from .inference_data import to_inference_data
+from .sbc import SBCResult, sbc, sbc_ranks
+from .scores import climatological_std, crps, energy_score, nrmse, rmse, spread, spread_skill
+from .tarp import TARPResult, tarp, tarp_credibility, tarp_curve, tarp_references
+
+__all__ = [
+    "CoverageResult", "expected_coverage", "coverage_curve", "default_levels", "hpd_credibility",
+    "distance_credibility", "central_credibility",
+    "SBCResult", "sbc", "sbc_ranks",
+    "TARPResult", "tarp", "tarp_credibility", "tarp_curve", "tarp_references",
+    "c2st",
+    "rmse", "nrmse", "climatological_std", "crps", "energy_score", "spread", "spread_skill",
+    "to_inference_data",
+    "EvaluationResult", "evaluate", "as_posterior_fn",
+]

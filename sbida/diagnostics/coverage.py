@@ -1,0 +1,222 @@
+r"""Expected coverage of credible regions.
+
+For window :math:`b` with truth :math:`x_b` and posterior :math:`q_b`, a family of nested credible regions gives a
+*credibility* :math:`c_b \in [0, 1]`: the smallest level whose region holds the truth. The expected coverage at
+level :math:`\alpha` is the fraction of windows whose truth lies in the region of level :math:`\alpha`,
+
+.. math:: \mathrm{C}(\alpha) = \frac1B \sum_b \mathbb{1}[c_b < \alpha],
+
+which equals :math:`\alpha` for a calibrated posterior. Three families of regions, all estimated from ``n`` samples
+:math:`x^{(i)}_b \sim q_b`:
+
+- highest density (``"hpd"``, where the posterior has ``log_prob``):
+  :math:`c_b = \frac1n \sum_i \mathbb{1}[\log q_b(x^{(i)}_b) > \log q_b(x_b)]`;
+- a ball around the posterior mean in the standardized distance (``"distance"``, for samples only):
+  :math:`d(x) = \lVert (x - \bar x_b) / s_b \rVert_2` with the sample mean :math:`\bar x_b` and marginal standard
+  deviations :math:`s_b`, and :math:`c_b = \frac1n \sum_i \mathbb{1}[d(x^{(i)}_b) < d(x_b)]`;
+- central intervals of each variable (the *marginal* coverage): with the rank
+  :math:`r_{bd} = \#\{i : x^{(i)}_{bd} < x_{bd}\}`, :math:`c_{bd} = |2u_{bd} - 1|` and
+  :math:`u_{bd} = (r_{bd} + \tfrac12) / (n + 1)`.
+
+Summaries: the expected calibration error :math:`\mathrm{ECE} = \operatorname{mean}_\alpha |\mathrm{C}(\alpha) -
+\alpha|` and the largest gap :math:`\max_\alpha |\mathrm{C}(\alpha) - \alpha|`. Coverage under the diagonal means
+over-confident (too narrow) posteriors, above it under-confident ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..posterior import Posterior
+from ._checks import check_truth, draw, flat
+
+__all__ = [
+    "CoverageResult",
+    "expected_coverage",
+    "coverage_curve",
+    "hpd_credibility",
+    "distance_credibility",
+    "central_credibility",
+    "default_levels",
+]
+
+
+def default_levels() -> Tensor:
+    """Credibility levels 0.05, 0.10, ..., 0.95 ``(19,)`` in float64."""
+    return torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+
+
+@dataclass
+class CoverageResult:
+    """Expected coverage at a set of levels.
+
+    Attributes:
+        levels: ``(L,)`` credibility levels.
+        coverage: ``(L,)`` joint coverage (highest density or distance regions, see ``method``).
+        ece: mean absolute gap between ``coverage`` and ``levels``.
+        max_gap: largest absolute gap.
+        method: ``"hpd"`` or ``"distance"``.
+        n_windows: number of windows it was measured on.
+        marginal: ``(L,)`` coverage of per-variable central intervals, averaged over variables (or ``None``).
+        marginal_ece: ECE of ``marginal``.
+    """
+
+    levels: Tensor
+    coverage: Tensor
+    ece: float
+    max_gap: float
+    method: str
+    n_windows: int
+    marginal: Tensor | None = None
+    marginal_ece: float | None = None
+
+    @classmethod
+    def from_credibility(cls, credibility: Tensor, method: str, levels: Tensor | None = None,
+                         marginal_credibility: Tensor | None = None) -> CoverageResult:
+        """Build the result from credibilities ``(B,)`` and optional marginal credibilities ``(B, D)``."""
+        levels = default_levels() if levels is None else torch.as_tensor(levels, dtype=torch.float64)
+        cov = coverage_curve(credibility, levels)
+        gap = (cov - levels).abs()
+        marginal = marginal_ece = None
+        if marginal_credibility is not None:
+            marginal = coverage_curve(marginal_credibility, levels).mean(-1)
+            marginal_ece = float((marginal - levels).abs().mean())
+        return cls(levels, cov, float(gap.mean()), float(gap.max()), method, int(credibility.shape[0]), marginal,
+                   marginal_ece)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dictionary."""
+        return {"levels": self.levels.tolist(), "coverage": self.coverage.tolist(), "ece": self.ece,
+                "max_gap": self.max_gap, "method": self.method, "n_windows": self.n_windows,
+                "marginal": None if self.marginal is None else self.marginal.tolist(),
+                "marginal_ece": self.marginal_ece}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CoverageResult:
+        """Inverse of :meth:`to_dict`."""
+        t = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        return cls(t(d["levels"]), t(d["coverage"]), d["ece"], d["max_gap"], d["method"], d["n_windows"],
+                   t(d.get("marginal")), d.get("marginal_ece"))
+
+
+def coverage_curve(credibility: Tensor, levels: Tensor | None = None) -> Tensor:
+    """Fraction of windows with credibility below each level.
+
+    Args:
+        credibility: ``(B, ...)`` credibilities in ``[0, 1]``.
+        levels: ``(L,)`` levels (default :func:`default_levels`).
+
+    Returns:
+        ``(L, ...)`` coverage.
+    """
+    levels = default_levels() if levels is None else torch.as_tensor(levels, dtype=torch.float64)
+    if levels.dim() != 1 or not ((levels > 0) & (levels < 1)).all():
+        raise ValueError(f"levels must be a 1-D tensor of values in (0, 1), got {levels}")
+    c = credibility.to(torch.float64)
+    return (c.unsqueeze(0) < levels.view(-1, *([1] * c.dim()))).double().mean(1)
+
+
+def hpd_credibility(log_prob_samples: Tensor, log_prob_truth: Tensor) -> Tensor:
+    """Credibility of the truth under highest-density regions.
+
+    Args:
+        log_prob_samples: ``(n, B)`` log-densities of posterior samples.
+        log_prob_truth: ``(B,)`` log-density of the truth.
+
+    Returns:
+        ``(B,)`` fraction of samples denser than the truth.
+    """
+    if log_prob_samples.dim() != 2 or log_prob_truth.shape != log_prob_samples.shape[1:]:
+        raise ValueError(f"expected log-densities (n, B) and (B,), got {tuple(log_prob_samples.shape)} and "
+                         f"{tuple(log_prob_truth.shape)}")
+    if not torch.isfinite(log_prob_truth).all():
+        raise ValueError("the log-density of the truth is not finite (the truth lies outside the posterior's support)")
+    return (log_prob_samples > log_prob_truth).double().mean(0)
+
+
+def distance_credibility(samples: Tensor, truth: Tensor) -> Tensor:
+    """Credibility of the truth under balls around the sample mean in the standardized distance.
+
+    Args:
+        samples: ``(n, B, *state_shape)``.
+        truth: ``(B, *state_shape)``.
+
+    Returns:
+        ``(B,)`` fraction of samples closer to the mean than the truth.
+    """
+    return moments_and_distance(flat(samples, 2), flat(truth, 1))[2]
+
+
+def moments_and_distance(s: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample mean ``(B, D)``, unbiased variance ``(B, D)`` and distance credibility ``(B,)`` of flat samples
+    ``(n, B, D)`` and truths ``(B, D)`` (unchecked; one pass over the samples for all three)."""
+    n = s.shape[0]
+    mean = s.mean(0)
+    sq = (s - mean).square_()
+    var = sq.sum(0) / max(n - 1, 1)
+    inv = 1 / var.clamp_min(torch.finfo(s.dtype).tiny) if n > 1 else torch.ones_like(var)
+    d_s = torch.einsum("nbd,bd->nb", sq, inv)
+    d_x = ((x - mean).square() * inv).sum(-1)
+    return mean, var, (d_s < d_x).double().mean(0)
+
+
+def central_credibility(ranks: Tensor, n_samples: int) -> Tensor:
+    """Credibility of the truth under per-variable central intervals, from ranks.
+
+    Args:
+        ranks: ``(B, D)`` number of samples below the truth, in ``0..n_samples``.
+        n_samples: number of samples the ranks were taken among.
+
+    Returns:
+        ``(B, D)`` credibilities ``|2u - 1|`` with ``u = (rank + 1/2) / (n + 1)``.
+    """
+    u = (ranks.double() + 0.5) / (n_samples + 1)
+    return (2 * u - 1).abs()
+
+
+def expected_coverage(posterior_or_samples: Posterior | Tensor, truth: Tensor, levels: Tensor | None = None,
+                      n_samples: int = 1000, method: str = "auto", generator: torch.Generator | None = None,
+                      samples: Tensor | None = None) -> CoverageResult:
+    """Expected coverage of a posterior (or of its samples) over a batch of windows.
+
+    Args:
+        posterior_or_samples: a :class:`~sbida.posterior.Posterior` over ``B`` windows, or samples
+            ``(n, B, *state_shape)``.
+        truth: ``(B, *state_shape)`` true states.
+        levels: ``(L,)`` credibility levels in ``(0, 1)`` (default 0.05, ..., 0.95).
+        n_samples: samples drawn when a posterior is given.
+        method: ``"hpd"`` (needs ``log_prob``), ``"distance"``, or ``"auto"`` (``"hpd"`` where possible).
+        generator: random generator of the samples.
+        samples: ``(n, B, *state_shape)`` samples already drawn from the given posterior (then none are drawn).
+
+    Returns:
+        A :class:`CoverageResult` with the joint curve and the marginal (central interval) curve.
+    """
+    if method not in ("auto", "hpd", "distance"):
+        raise ValueError(f"method must be 'auto', 'hpd' or 'distance', got {method!r}")
+    truth = check_truth(truth)
+    if samples is not None and not isinstance(posterior_or_samples, Posterior):
+        raise ValueError("give samples= only together with the posterior they were drawn from")
+    if samples is not None:
+        post = posterior_or_samples
+        samples, _ = draw(samples, truth, n_samples, generator)
+        if post.batch_size != truth.shape[0] or tuple(post.state_shape) != tuple(truth.shape[1:]):
+            raise ValueError(f"the posterior is over {post.batch_size} windows of shape {post.state_shape}, the "
+                             f"truth has shape {tuple(truth.shape)}")
+    else:
+        samples, post = draw(posterior_or_samples, truth, n_samples, generator)
+    if method == "auto":
+        method = "hpd" if post is not None and post.has_log_prob else "distance"
+    if method == "hpd":
+        if post is None or not post.has_log_prob:
+            raise ValueError("method 'hpd' needs a posterior with log_prob; samples alone allow 'distance' only")
+        cred = hpd_credibility(post.log_prob(samples), post.log_prob(truth))
+    else:
+        cred = distance_credibility(samples, truth)
+    ranks = (flat(samples, 2) < flat(truth, 1)).sum(0)
+    return CoverageResult.from_credibility(cred, method, levels, central_credibility(ranks, samples.shape[0]))
+
+
