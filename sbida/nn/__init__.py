@@ -1,0 +1,9 @@
+"""Neural building blocks on periodic grids: convolutions, time embeddings, window encoders and U-Nets."""
+
+from .coda_unet import CODAUNet
+from .encoders import WindowEncoder
+from .layers import FiLM, FourierEmbedding, ResBlock, SinusoidalEmbedding, periodic_conv
+from .unet import UNet, UNet1d, UNet2d
+
+__all__ = ["periodic_conv", "SinusoidalEmbedding", "FourierEmbedding", "FiLM", "ResBlock", "WindowEncoder", "UNet",
+           "UNet1d", "UNet2d", "CODAUNet"]
