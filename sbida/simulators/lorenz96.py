@@ -192,7 +192,7 @@ class Lorenz96(Simulator):
 
     def extra_repr(self) -> str:
         backend = "" if self.backend == "auto" else f", backend={self.backend!r}"
-        return f"K={self.K}, F={float(self.F):g}, dt={self.dt:g}{backend}"
+        return f"K={self.K}, F={float(self.F.detach()):g}, dt={self.dt:g}{backend}"
 
 
 class TwoScaleLorenz96(Simulator):
