@@ -27,7 +27,8 @@ def test_bad_key_exits_2_with_the_key(tmp_path, capsys):
 
 
 def test_help_on_every_command(capsys):
-    for cmd in (["--help"], ["simulate", "--help"], ["quickstart", "--help"], ["tasks", "--help"]):
+    for cmd in (["--help"], ["simulate", "--help"], ["quickstart", "--help"], ["tasks", "--help"], ["train", "--help"],
+                ["evaluate", "--help"], ["report", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(cmd)
         assert e.value.code == 0 and "usage" in capsys.readouterr().out
@@ -43,3 +44,84 @@ def test_tasks_lists_the_five_tasks(capsys):
     out = capsys.readouterr().out
     for name in ("lorenz96 ", "lorenz96-sparse", "lorenz96-two-scale", "kolmogorov", "linear-gaussian"):
         assert name in out
+
+
+# -- runs: train, evaluate, report ---------------------------------------------------------------------------------
+TINY_CODA = "estimators.coda={estimator: {channels: [8, 16], rollout: 2}, fit: {epochs: 1, steps_per_epoch: 3}}"
+
+
+def _metrics(folder):
+    """The evaluation of every method without its timings (which vary from run to run)."""
+    d = json.loads((folder / "metrics.json").read_text())
+    for m in d["methods"].values():
+        m.pop("timings"), m.pop("training_seconds")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "l96"
+    rc = main(["report", "l96-tiny", "--out", str(out), "--quiet", TINY_CODA])
+    assert rc == 0
+    return out
+
+
+@pytest.mark.slow
+def test_report_runs_every_stage_into_the_run_folder(tiny_run, capsys):
+    for name in ("config.yaml", "data.h5", "data.json", "training.json", "metrics.json", "examples.pt", "log.txt",
+                 "report.html", "report.json", "checkpoints/npe.pt", "checkpoints/coda.pt"):
+        assert (tiny_run / name).is_file(), name
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"npe", "coda", "oi"}
+    assert metrics["methods"]["oi"]["type"] == "baseline" and metrics["methods"]["npe"]["type"] == "estimator"
+    assert "coda:" in (tiny_run / "config.yaml").read_text()  # the override is in the resolved config
+    assert "report written" in (tiny_run / "log.txt").read_text()
+    from html.parser import HTMLParser
+
+    class Rows(HTMLParser):
+        rows, images = [], 0
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+            if tag == "img" and dict(attrs)["src"].startswith("data:image/png;base64,"):
+                self.images += 1
+
+        def handle_data(self, data):
+            if self.rows and self.lasttag in ("td", "th"):
+                self.rows[-1].append(data.strip())
+
+    p = Rows()
+    p.feed((tiny_run / "report.html").read_text())
+    names = [r[0] for r in p.rows if r]
+    assert {"npe", "coda", "oi"} <= set(names)
+    assert p.images == 3 + 3  # coverage, SBC, TARP and one example window per method
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics_other_seed_others(tiny_run, tmp_path):
+    assert main(["evaluate", str(tiny_run / "config.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    assert _metrics(tmp_path / "again") == _metrics(tiny_run)
+    assert main(["evaluate", "l96-tiny", "seed=1", "--out", str(tmp_path / "other"), "--quiet"]) == 0
+    other = _metrics(tmp_path / "other")
+    assert other["seed"] == 1
+    assert other["methods"]["npe"]["rmse"] != _metrics(tiny_run)["methods"]["npe"]["rmse"]
+
+
+def test_run_config_errors_name_the_key(tmp_path, capsys):
+    for override, key in (("estimators.npe.fit.epoch=1", "estimators.npe.fit.epoch"),
+                          ("estimators.npe.estimator.channels=1.5", "estimators.npe.estimator.channels"),
+                          ("seed=abc", "seed"), ("evaluation.samples=3", "evaluation.samples"),
+                          ("task_overrides.simulator.G=1", "simulator.G"), ("baselines.nope={}", "nope"),
+                          ("estimators.nope={}", "nope")):
+        assert main(["train", "l96-tiny", override, "--out", str(tmp_path)]) == 2, override
+        assert key in capsys.readouterr().err, override
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_simulate_a_run_config(tmp_path, capsys):
+    args = ["simulate", "l96-tiny", "--out", str(tmp_path), "--quiet", "task_overrides.data.n_trajectories=5"]
+    assert main(args) == 0
+    data = WindowDataset.load(tmp_path / "data.h5")
+    assert data.n_trajectories == 5 and data.state_shape == (8,)
+    assert "run folder" in capsys.readouterr().out
