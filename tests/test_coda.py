@@ -180,3 +180,12 @@ def test_learned_closure_improves_the_forecast(one_thread):
     with torch.no_grad():
         b = est.dynamics.closure(torch.tensor([[-5.0, 0.0, 10.0]]))[0]
     assert b[0] > 0 > b[2]  # the mean coupling pushes X back towards ~0: positive for X < 0, negative for large X
+
+
+def test_config_file_matches_the_code():
+    import inspect
+
+    cfg = sbida.config.load_yaml(sbida.tasks.CONFIG_DIR / "estimators" / "coda.yaml")
+    assert set(cfg["estimator"]) == set(CODA.defaults) | {"seed"}
+    assert {k: v for k, v in cfg["estimator"].items() if k != "seed"} == CODA.defaults
+    assert set(cfg["fit"]) <= set(inspect.signature(CODA.fit).parameters)
