@@ -4,11 +4,23 @@ Simulators produce trajectories, observation models turn them into sparse noisy 
 observations become datasets of ``(x_t, y_{t-T:t}, mask, t)`` from which posteriors ``p(x_t | y, t)`` are learned.
 """
 
-from . import baselines, data, diagnostics, estimators, nn, observations, posterior, report, simulators, tasks
+from . import (
+    baselines,
+    data,
+    diagnostics,
+    distributed,
+    estimators,
+    nn,
+    observations,
+    posterior,
+    report,
+    simulators,
+    tasks,
+)
 from .data import Window, WindowDataset, simulate_windows
 from .tasks import Task
 
 __version__ = "0.1.0"
 
-__all__ = ["baselines", "data", "diagnostics", "estimators", "nn", "observations", "report", "posterior",
+__all__ = ["baselines", "data", "diagnostics", "distributed", "estimators", "nn", "observations", "report", "posterior",
            "simulators", "tasks", "Window", "WindowDataset", "simulate_windows", "Task", "__version__"]

@@ -11,6 +11,9 @@ where :math:`o_1 < \dots < o_T` are the window's offsets: :math:`-(T-1), \dots, 
 
 The arrays are kept once per trajectory (not once per window), saved to HDF5 chunked by trajectory with the task
 configuration beside them, and split by trajectory so that no trajectory crosses train, validation and test.
+A dataset larger than memory is opened from such files without loading them (:meth:`WindowDataset.open`): a
+batch then reads, in one sorted selection per file, only the states its windows cover. A large simulation can be
+split into shards by seed (:func:`simulate_shards`) and the shard files opened as one dataset.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from tqdm.auto import tqdm
 from .observations import ObservationModel
 from .simulators.base import Simulator
 
-__all__ = ["Window", "WindowDataset", "simulate_windows", "simulate_trajectories"]
+__all__ = ["Window", "WindowDataset", "H5Array", "simulate_windows", "simulate_shards", "simulate_trajectories"]
 
 FORMAT_VERSION = 1
 
@@ -104,7 +107,7 @@ def simulate_trajectories(simulator: Simulator, n: int, states: int, every: int 
 def simulate_windows(simulator: Simulator, observation: ObservationModel, window: int | Window = 10,
                      n_trajectories: int = 1024, states: int = 1024, every: int = 1, burn_in: int = 0,
                      stride: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32, batch_size: int = 256,
-                     progress: bool = True, config: dict | None = None) -> WindowDataset:
+                     progress: bool = True, config: dict | None = None, first_id: int = 0) -> WindowDataset:
     """Simulate trajectories, observe every saved state and index the windows.
 
     Args:
@@ -121,6 +124,7 @@ def simulate_windows(simulator: Simulator, observation: ObservationModel, window
         batch_size: trajectories integrated at once.
         progress: show a progress bar.
         config: the task configuration, stored with the data.
+        first_id: identifier of the first trajectory (they are numbered ``first_id, first_id + 1, ...``).
 
     Returns:
         A :class:`WindowDataset`.
@@ -139,7 +143,172 @@ def simulate_windows(simulator: Simulator, observation: ObservationModel, window
     times = torch.arange(states, dtype=torch.float64) * (every * simulator.dt)
     meta = {"seed": int(seed), "every": int(every), "burn_in": int(burn_in), "dt": float(simulator.dt),
             "simulator": repr(simulator), "observation": repr(observation)}
-    return WindowDataset(x, y, mask, times, window=window, stride=stride, config=config, meta=meta)
+    ids = torch.arange(int(first_id), int(first_id) + n_trajectories)
+    return WindowDataset(x, y, mask, times, window=window, stride=stride, trajectory_ids=ids, config=config,
+                         meta=meta)
+
+
+def simulate_shards(simulator: Simulator, observation: ObservationModel, directory: str | Path, shards: int,
+                    n_trajectories: int, seed: int = 0, progress: bool = True, **kwargs: Any) -> list[Path]:
+    """Simulate a dataset in ``shards`` files, shard ``k`` with seed ``seed + k``, and write them to ``directory``.
+
+    Open the files as one dataset with ``WindowDataset.open(paths)``; trajectory identifiers run on from shard to
+    shard. Each shard is in memory only while it is simulated and written.
+
+    Args:
+        simulator, observation: as for :func:`simulate_windows`.
+        directory: folder of the files ``shard-00000.h5``, ``shard-00001.h5``...
+        shards: number of shards (``1 <= shards <= n_trajectories``).
+        n_trajectories: trajectories in all, shared as evenly as possible.
+        seed: seed of the first shard.
+        progress: show a progress bar over the shards.
+        kwargs: other arguments of :func:`simulate_windows` (``window``, ``states``, ``every``, ``config``...).
+
+    Returns:
+        The paths of the shard files, in order.
+    """
+    if not 1 <= shards <= n_trajectories:
+        raise ValueError(f"need 1 <= shards <= n_trajectories, got shards={shards} and n_trajectories={n_trajectories}")
+    directory = Path(directory)
+    sizes = [n_trajectories // shards + (k < n_trajectories % shards) for k in range(shards)]
+    paths, first = [], 0
+    for k in tqdm(range(shards), desc="shards", unit="shard", disable=not progress, leave=False):
+        data = simulate_windows(simulator, observation, n_trajectories=sizes[k], seed=seed + k, progress=False,
+                                first_id=first, **kwargs)
+        paths.append(data.save(directory / f"shard-{k:05d}.h5"))
+        first += sizes[k]
+    return paths
+
+
+class H5Array:
+    """Arrays ``(N, S, ...)`` stored in HDF5 files (concatenated along ``N``), read on demand.
+
+    Indexing like a tensor, ``a[n, s, ...]`` with index tensors ``n`` and ``s`` that broadcast together, reads for
+    each distinct row ``n`` only the span of the positions ``s`` asked of it, rows in increasing order (one
+    hyperslab read per row: HDF5 reads many small spans faster one by one than as one union selection).
+
+    Args:
+        sources: ``(path, dataset name)`` of each file, in order.
+        rows: the rows kept, as positions in the concatenation of the sources (default: all, in order).
+    """
+
+    def __init__(self, sources: Sequence[tuple[str | Path, str]], rows: Tensor | None = None):
+        import h5py
+
+        if not sources:
+            raise ValueError("H5Array needs at least one (path, dataset name) source")
+        self.sources = [(str(p), str(name)) for p, name in sources]
+        self._files: dict[str, Any] = {}
+        lengths, tail, dtype = [], None, None
+        for k, (path, name) in enumerate(self.sources):
+            ds = self._dataset(k)
+            if not isinstance(ds, h5py.Dataset) or ds.ndim < 2:
+                raise ValueError(f"{path}:{name} must be an array of at least 2 dimensions (N, S, ...)")
+            if tail is not None and (ds.shape[1:] != tail or ds.dtype != dtype):
+                raise ValueError(f"{path}:{name} has shape {ds.shape} and dtype {ds.dtype}; the sources before it "
+                                 f"have rows of shape {tail} and dtype {dtype}")
+            lengths.append(ds.shape[0])
+            tail, dtype = ds.shape[1:], ds.dtype
+        self._np_dtype = dtype
+        self._starts = torch.tensor([0] + lengths).cumsum(0)
+        total = int(self._starts[-1])
+        self.rows = torch.arange(total) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        if self.rows.dim() != 1 or (len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= total)):
+            raise ValueError(f"rows must be a 1-D tensor of positions in 0..{total - 1}")
+        self.shape = torch.Size((len(self.rows), *tail))
+        self.dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+    def _dataset(self, k: int):
+        import h5py
+
+        path, name = self.sources[k]
+        if path not in self._files:
+            self._files[path] = h5py.File(path, "r")
+        return self._files[path][name]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": {}}  # file handles are reopened where unpickled (DataLoader workers)
+
+    def close(self) -> None:
+        """Close the files (they are reopened on the next read)."""
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def take(self, positions: Tensor | Sequence[int]) -> H5Array:
+        """The rows at ``positions`` (still on disk)."""
+        return H5Array(self.sources, self.rows[torch.as_tensor(positions, dtype=torch.long)])
+
+    @staticmethod
+    def cat(arrays: Sequence[H5Array]) -> H5Array:
+        """The rows of several arrays one after the other (still on disk)."""
+        sources = list(dict.fromkeys(src for a in arrays for src in a.sources))
+        whole = H5Array(sources)
+        rows = []
+        for a in arrays:
+            k_of = torch.searchsorted(a._starts, a.rows, right=True) - 1
+            index = torch.tensor([sources.index(src) for src in a.sources], dtype=torch.long)
+            rows.append(whole._starts[index[k_of]] + a.rows - a._starts[k_of])
+        return whole.take(torch.cat(rows))
+
+    def _read(self, rows: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """``(U, max(hi - lo), ...)``: row ``u`` holds positions ``lo[u] .. hi[u] - 1`` of global row ``rows[u]``
+        (increasing), the rest is left unset. One hyperslab read per row, rows in file order."""
+        from h5py import h5s
+
+        tail = tuple(self.shape[2:])
+        out = np.empty((len(rows), int((hi - lo).max()), *tail), dtype=self._np_dtype)
+        k_of = torch.searchsorted(self._starts, rows, right=True) - 1
+        local = rows - self._starts[k_of]
+        spaces: dict[int, Any] = {}
+        for u, (k, r, a, b) in enumerate(zip(k_of.tolist(), local.tolist(), lo.tolist(), hi.tolist())):
+            ds = self._dataset(k)
+            if b - a not in spaces:
+                spaces[b - a] = h5s.create_simple((1, b - a) + tail)
+            fspace = ds.id.get_space()
+            fspace.select_hyperslab((r, a) + (0,) * len(tail), (1, b - a) + tail)
+            ds.id.read(spaces[b - a], fspace, out[u:u + 1, :b - a])
+        return torch.from_numpy(out)
+
+    def __getitem__(self, key: Any) -> Tensor:
+        key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis or k is None for k in key) or len(key) > len(self.shape):
+            raise IndexError(f"an H5Array of shape {tuple(self.shape)} takes up to {len(self.shape)} indices (no "
+                             f"Ellipsis or None), got {key!r}")
+        n = torch.arange(len(self))[key[0]] if isinstance(key[0], slice) else torch.as_tensor(key[0])
+        n = n.long()
+        if n.numel() and (n.min() < -len(self) or n.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        rest = list(key[1:])
+        S = self.shape[1]
+        s = None
+        if rest and not isinstance(rest[0], slice):
+            s = torch.as_tensor(rest[0]).long()
+            if s.numel() and (s.min() < -S or s.max() >= S):
+                raise IndexError(f"index out of range for {S} positions along dimension 1")
+            n, s = torch.broadcast_tensors(n, s % S)
+        if n.numel() == 0:
+            return torch.empty(0, *self.shape[1:], dtype=self.dtype)[(n, s, *rest[1:]) if s is not None else (n, *rest)]
+        rows, inv = torch.unique(self.rows[n % len(self)], return_inverse=True)
+        if s is None:  # whole rows
+            return self._read(rows, torch.zeros(len(rows), dtype=torch.long), torch.full((len(rows),), S))[(inv, *rest)]
+        first = torch.full((len(rows),), S, dtype=torch.long).scatter_reduce(0, inv.flatten(), s.flatten(), "amin")
+        last = torch.zeros(len(rows), dtype=torch.long).scatter_reduce(0, inv.flatten(), s.flatten(), "amax")
+        return self._read(rows, first, last + 1)[(inv, s - first[inv], *rest[1:])]
+
+    def blocks(self, rows: int = 64):
+        """The array in blocks of ``rows`` rows, in order (tensors ``(<= rows, S, ...)``)."""
+        for i in range(0, len(self), rows):
+            yield self[torch.arange(i, min(i + rows, len(self)))]
+
+    def __repr__(self) -> str:
+        return f"H5Array(shape={tuple(self.shape)}, dtype={self.dtype}, files={len(self.sources)})"
 
 
 class WindowDataset(Dataset):
@@ -157,12 +326,13 @@ class WindowDataset(Dataset):
         meta: other facts about the simulation (seed, ``dt``...).
 
     Item ``i`` is ``(x (*state_shape), y (T, *obs_shape), mask (T, *obs_shape), t ())``; a batch of items, from
-    :meth:`get` or a :meth:`loader`, has a leading batch dimension.
+    :meth:`get` or a :meth:`loader`, has a leading batch dimension. ``states``, ``y`` and ``mask`` may also be
+    :class:`H5Array` (a dataset streamed from disk, see :meth:`open`): the same API, reading only what a batch needs.
     """
 
-    def __init__(self, states: Tensor, y: Tensor, mask: Tensor, times: Tensor, window: Window | int = 10,
-                 stride: int = 1, trajectory_ids: Tensor | None = None, config: dict | None = None,
-                 meta: dict | None = None):
+    def __init__(self, states: Tensor | H5Array, y: Tensor | H5Array, mask: Tensor | H5Array, times: Tensor,
+                 window: Window | int = 10, stride: int = 1, trajectory_ids: Tensor | None = None,
+                 config: dict | None = None, meta: dict | None = None):
         window = window if isinstance(window, Window) else Window(int(window))
         if states.dim() < 3 or y.dim() < 2:
             raise ValueError(f"states must be (N, S, *state_shape) and y (N, S, *obs_shape), got "
@@ -174,7 +344,12 @@ class WindowDataset(Dataset):
             raise ValueError(f"times must be ({states.shape[1]},), got {tuple(times.shape)}")
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
-        self.states, self.y, self.mask = states, y, mask.bool()
+        streamed = [isinstance(a, H5Array) for a in (states, y, mask)]
+        if any(streamed) and not all(streamed):
+            raise ValueError("states, y and mask must be all tensors or all H5Array (streamed), not a mixture")
+        if all(streamed) and mask.dtype != torch.bool:
+            raise ValueError(f"a streamed mask must be stored as booleans, got {mask.dtype}")
+        self.states, self.y, self.mask = states, y, mask if all(streamed) else mask.bool()
         self.times = times.to(torch.float64)
         self.window, self.stride = window, int(stride)
         N, S = states.shape[:2]
@@ -196,6 +371,11 @@ class WindowDataset(Dataset):
     @property
     def obs_shape(self) -> tuple[int, ...]:
         return tuple(self.y.shape[2:])
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the arrays stay on disk (:meth:`open`) rather than in memory."""
+        return isinstance(self.states, H5Array)
 
     @property
     def n_trajectories(self) -> int:
@@ -249,8 +429,64 @@ class WindowDataset(Dataset):
     def subset(self, trajectories: Tensor | Sequence[int]) -> WindowDataset:
         """The dataset restricted to some trajectories (positions ``0..N-1``)."""
         i = torch.as_tensor(trajectories, dtype=torch.long)
+        if self.streamed:  # still on disk
+            return WindowDataset(self.states.take(i), self.y.take(i), self.mask.take(i), self.times, self.window,
+                                 self.stride, self.trajectory_ids[i], self.config, self.meta)
         return WindowDataset(self.states[i], self.y[i], self.mask[i], self.times, self.window, self.stride,
                              self.trajectory_ids[i], self.config, self.meta)
+
+    def in_memory(self) -> WindowDataset:
+        """The dataset with its arrays read into memory (itself if they are already)."""
+        if not self.streamed:
+            return self
+        arrays = [torch.cat(list(a.blocks())) for a in (self.states, self.y, self.mask)]
+        return WindowDataset(*arrays, self.times, self.window, self.stride, self.trajectory_ids, self.config,
+                             self.meta)
+
+    @staticmethod
+    def concat(datasets: Sequence[WindowDataset]) -> WindowDataset:
+        """The trajectories of several datasets (shards) as one dataset; streamed ones stay on disk.
+
+        The parts must share the window, stride, saved times, shapes, dtypes and task configuration. Their trajectory
+        identifiers are kept when they are distinct; otherwise part ``k``'s are shifted past those of the parts before
+        it (so shards simulated separately, each numbered from 0, are numbered as one).
+
+        Args:
+            datasets: the parts, all in memory or all streamed.
+
+        Returns:
+            A :class:`WindowDataset` of ``sum(part.n_trajectories)`` trajectories, the parts' in order.
+        """
+        parts = list(datasets)
+        if not parts or not all(isinstance(d, WindowDataset) for d in parts):
+            raise ValueError(f"concat needs a non-empty list of WindowDataset, got {datasets!r}")
+        first = parts[0]
+        for k, d in enumerate(parts[1:], 1):
+            same = (d.window == first.window and d.stride == first.stride and d.state_shape == first.state_shape
+                    and d.obs_shape == first.obs_shape and d.states.dtype == first.states.dtype
+                    and d.times.shape == first.times.shape and torch.equal(d.times, first.times)
+                    and d.config == first.config)
+            if not same:
+                raise ValueError(f"part {k} ({d!r}, config {d.config.get('name')!r}) does not match part 0 ({first!r}, "
+                                 f"config {first.config.get('name')!r}): window, stride, saved times, shapes, dtype "
+                                 f"and task configuration must be equal")
+        if len({d.streamed for d in parts}) > 1:
+            raise ValueError("cannot concatenate streamed and in-memory datasets; use in_memory() on the streamed ones")
+        ids = [d.trajectory_ids for d in parts]
+        if len(torch.cat(ids).unique()) < sum(len(i) for i in ids):
+            shift, moved = 0, []
+            for i in ids:
+                moved.append(i - i.min() + shift)
+                shift = int(moved[-1].max()) + 1
+            ids = moved
+        join = H5Array.cat if first.streamed else torch.cat
+        meta = dict(first.meta)
+        seeds = [d.meta.get("seed") for d in parts]
+        if len(set(map(str, seeds))) > 1:
+            meta["seed"] = seeds
+        return WindowDataset(join([d.states for d in parts]), join([d.y for d in parts]),
+                             join([d.mask for d in parts]), first.times, first.window, first.stride, torch.cat(ids),
+                             first.config, meta)
 
     def split(self, *fractions: float, seed: int = 0) -> tuple[WindowDataset, ...]:
         """Split by trajectory, e.g. ``train, val, test = data.split(0.8, 0.1, 0.1)``.
@@ -286,6 +522,12 @@ class WindowDataset(Dataset):
         path.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(path, "w", track_order=False) as f:
             for name, arr in (("states", self.states), ("y", self.y), ("mask", self.mask)):
+                if isinstance(arr, H5Array):  # copied block by block
+                    out = f.create_dataset(name, shape=tuple(arr.shape), dtype=arr._np_dtype,
+                                           chunks=(1,) + tuple(arr.shape[1:]), track_times=False)
+                    for i, block in zip(range(0, len(arr), 64), arr.blocks(64)):
+                        out[i:i + len(block)] = block.numpy()
+                    continue
                 a = arr.numpy()
                 f.create_dataset(name, data=a, chunks=(1,) + a.shape[1:], track_times=False)
             f.create_dataset("times", data=self.times.numpy(), track_times=False)
@@ -297,39 +539,87 @@ class WindowDataset(Dataset):
             f.attrs["meta"] = json.dumps(self.meta, sort_keys=True)
         return path
 
+    @staticmethod
+    def _read_header(f: Any, path: Path) -> dict[str, Any]:
+        missing = {"states", "y", "mask", "times"} - set(f.keys())
+        if missing:
+            raise ValueError(f"{path} is not a sbida dataset: it lacks {sorted(missing)}")
+        version = int(f.attrs.get("format_version", 0))
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{path} has format version {version}; this sbida reads up to {FORMAT_VERSION}")
+        return {"times": torch.from_numpy(np.asarray(f["times"])),
+                "trajectory_ids": torch.from_numpy(np.asarray(f["trajectory_ids"])) if "trajectory_ids" in f else None,
+                "window": Window(**json.loads(f.attrs["window"])), "stride": int(f.attrs.get("stride", 1)),
+                "config": json.loads(f.attrs.get("config", "{}")), "meta": json.loads(f.attrs.get("meta", "{}"))}
+
     @classmethod
-    def load(cls, path: str | Path) -> WindowDataset:
-        """Read a dataset written by :meth:`save`."""
+    def load(cls, path: str | Path, stream: bool = False) -> WindowDataset:
+        """Read a dataset written by :meth:`save` (``stream=True``: leave the arrays on disk, as :meth:`open`)."""
         import h5py
 
+        if stream:
+            return cls.open(path)
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no dataset at {path}")
         with h5py.File(path, "r") as f:
-            missing = {"states", "y", "mask", "times"} - set(f.keys())
-            if missing:
-                raise ValueError(f"{path} is not a sbida dataset: it lacks {sorted(missing)}")
-            version = int(f.attrs.get("format_version", 0))
-            if version > FORMAT_VERSION:
-                raise ValueError(f"{path} has format version {version}; this sbida reads up to {FORMAT_VERSION}")
-            arrays = {k: torch.from_numpy(np.asarray(f[k])) for k in ("states", "y", "mask", "times")}
-            ids = torch.from_numpy(np.asarray(f["trajectory_ids"])) if "trajectory_ids" in f else None
-            window = Window(**json.loads(f.attrs["window"]))
-            stride = int(f.attrs.get("stride", 1))
-            config = json.loads(f.attrs.get("config", "{}"))
-            meta = json.loads(f.attrs.get("meta", "{}"))
-        return cls(arrays["states"], arrays["y"], arrays["mask"], arrays["times"], window, stride, ids, config, meta)
+            h = cls._read_header(f, path)
+            arrays = {k: torch.from_numpy(np.asarray(f[k])) for k in ("states", "y", "mask")}
+        return cls(arrays["states"], arrays["y"], arrays["mask"], h["times"], h["window"], h["stride"],
+                   h["trajectory_ids"], h["config"], h["meta"])
+
+    @classmethod
+    def open(cls, paths: str | Path | Sequence[str | Path]) -> WindowDataset:
+        """Open one or several files written by :meth:`save` as one dataset, without loading their arrays.
+
+        Batches read only the trajectories and saved states their windows cover; the memory held is ``O(N + S)``
+        (times and trajectory identifiers). Several files (shards, e.g. from :func:`simulate_shards`) are joined
+        as by :meth:`concat`.
+
+        Args:
+            paths: a file, or a list of files.
+
+        Returns:
+            A streamed :class:`WindowDataset` (``streamed`` is true).
+        """
+        import h5py
+
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        if not paths:
+            raise ValueError("open needs at least one file")
+        parts = []
+        for path in map(Path, paths):
+            if not path.exists():
+                raise FileNotFoundError(f"no dataset at {path}")
+            with h5py.File(path, "r") as f:
+                h = cls._read_header(f, path)
+            arrays = [H5Array([(path, k)]) for k in ("states", "y", "mask")]
+            parts.append(cls(*arrays, h["times"], h["window"], h["stride"], h["trajectory_ids"], h["config"],
+                             h["meta"]))
+        return parts[0] if len(parts) == 1 else cls.concat(parts)
 
     # -- description ----------------------------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """A short hash of the arrays (equal for equal data)."""
         h = hashlib.sha256()
         for a in (self.states, self.y, self.mask, self.times, self.trajectory_ids):
-            h.update(a.contiguous().numpy().tobytes())
+            for block in (a.blocks() if isinstance(a, H5Array) else [a]):
+                h.update(block.contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def stats(self) -> dict[str, Any]:
         """Summary figures: sizes, shapes, observed fraction, state mean and std, time range."""
+        if self.streamed:  # by blocks of trajectories, in double precision
+            n = total = total2 = observed = 0.0
+            for x, m in zip(self.states.blocks(), self.mask.blocks()):
+                x = x.double()
+                n, total, total2 = n + x.numel(), total + float(x.sum()), total2 + float((x * x).sum())
+                observed += float(m.sum())
+            mean, fraction = total / n, observed / (n / math.prod(self.state_shape) * math.prod(self.obs_shape))
+            std = math.sqrt(max(total2 - n * mean * mean, 0.0) / max(n - 1, 1))
+        else:
+            fraction = float(self.mask.float().mean())
+            mean, std = float(self.states.double().mean()), float(self.states.double().std())
         return {
             "trajectories": self.n_trajectories,
             "states_per_trajectory": self.states.shape[1],
@@ -337,9 +627,9 @@ class WindowDataset(Dataset):
             "state_shape": list(self.state_shape),
             "obs_shape": list(self.obs_shape),
             "window": f"{self.window.length} times, {self.window.align}-aligned",
-            "observed_fraction": float(self.mask.float().mean()),
-            "state_mean": float(self.states.double().mean()),
-            "state_std": float(self.states.double().std()),
+            "observed_fraction": fraction,
+            "state_mean": mean,
+            "state_std": std,
             "t_range": [float(self.times[self._targets[0]]), float(self.times[self._targets[-1]])],
             "fingerprint": self.fingerprint(),
         }
@@ -358,4 +648,4 @@ class WindowDataset(Dataset):
 
     def __repr__(self) -> str:
         return (f"WindowDataset({self.n_trajectories} trajectories, {len(self)} windows, state {self.state_shape}, "
-                f"obs {self.obs_shape}, {self.window})")
+                f"obs {self.obs_shape}, {self.window}{', streamed' if self.streamed else ''})")

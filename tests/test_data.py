@@ -104,3 +104,88 @@ def test_burn_in_and_every_set_time():
     assert torch.allclose(data.times, torch.arange(20, dtype=torch.float64) * 0.1)
     # after 5 time units of spin-up the states are on the attractor, not at the N(0, 1) start
     assert data.states.std() > 2.0
+
+
+# -- streaming from disk and shards ----------------------------------------------------------------------------------
+def _same(a, b):
+    return all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("window", [Window(5, "end"), Window(4, "centre")])
+def test_streamed_dataset_gives_the_same_batches(tmp_path, window):
+    from sbida.data import H5Array
+
+    data = small(n_trajectories=10, window=window)
+    streamed = WindowDataset.open(data.save(tmp_path / "d.h5"))
+    assert streamed.streamed and not data.streamed and len(streamed) == len(data)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):  # random batches, repeated windows included, in any order
+        idx = torch.randint(-len(data), len(data), (64,), generator=g)
+        assert _same(streamed.get(idx), data.get(idx))
+    assert _same(streamed.tensors(), data.tensors())
+    # splits and subsets stay on disk and give the windows of the in-memory ones
+    for a, b in zip(streamed.split(0.6, 0.4, seed=2), data.split(0.6, 0.4, seed=2)):
+        assert isinstance(a.states, H5Array) and torch.equal(a.trajectory_ids, b.trajectory_ids)
+        assert _same(a.tensors(), b.tensors())
+    sub = streamed.subset([7, 2, 2])
+    assert _same(sub.tensors(), data.subset([7, 2, 2]).tensors())
+    # two-dimensional gathers (as CODA's view does), and a DataLoader's pickled copy
+    n, w = torch.tensor([[3], [0], [3]]), torch.tensor([[5, 6, 7], [0, 1, 2], [30, 31, 32]])
+    assert torch.equal(streamed.y[n, w], data.y[n, w]) and torch.equal(streamed.mask[n, w], data.mask[n, w])
+    import pickle
+
+    assert _same(pickle.loads(pickle.dumps(streamed)).get([4, 100]), data.get([4, 100]))
+    assert streamed.fingerprint() == data.fingerprint() and streamed.in_memory().fingerprint() == data.fingerprint()
+    stats, ref = streamed.stats(), data.stats()
+    assert all(abs(stats[k] - ref[k]) < 1e-9 for k in ("state_mean", "state_std"))
+    assert abs(stats["observed_fraction"] - ref["observed_fraction"]) < 1e-6
+    assert WindowDataset.load(streamed.save(tmp_path / "copy.h5")).fingerprint() == data.fingerprint()
+
+
+def test_streamed_dataset_holds_no_arrays(tmp_path):
+    data = small(n_trajectories=10)
+    streamed = WindowDataset.load(data.save(tmp_path / "d.h5"), stream=True)
+    N, S = data.states.shape[:2]
+
+    def tensors(obj, seen=()):
+        for v in vars(obj).values():
+            if isinstance(v, torch.Tensor):
+                yield v
+            elif hasattr(v, "__dict__") and not isinstance(v, type) and v not in seen:
+                yield from tensors(v, (*seen, v))
+
+    held = list(tensors(streamed))
+    assert held and max(t.numel() for t in held) <= max(N, S)  # times, ids, targets: O(N + S), no (N, S, ...) array
+    streamed.get(torch.arange(50))
+    assert max(t.numel() for t in tensors(streamed)) <= max(N, S)  # reading caches nothing
+
+
+def test_shards_opened_as_one_are_their_union(tmp_path):
+    from sbida.data import simulate_shards
+
+    sim = Lorenz96(K=16, dt=0.05)
+    obs = Stations(every=4, kernel_width=0.8, radius=2, sigma=0.5)
+    paths = simulate_shards(sim, obs, tmp_path / "shards", shards=3, n_trajectories=8, seed=5, window=Window(5),
+                            states=30, progress=False, config={"name": "small"})
+    assert [p.name for p in paths] == ["shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
+    parts = [WindowDataset.load(p) for p in paths]
+    assert [p.n_trajectories for p in parts] == [3, 3, 2] and [p.meta["seed"] for p in parts] == [5, 6, 7]
+    one = WindowDataset.open(paths)
+    union = WindowDataset.concat(parts)
+    assert one.streamed and not union.streamed and one.n_trajectories == 8 and one.meta["seed"] == [5, 6, 7]
+    assert torch.equal(one.trajectory_ids, torch.arange(8)) and torch.equal(union.trajectory_ids, torch.arange(8))
+    assert _same(one.tensors(), union.tensors()) and one.fingerprint() == union.fingerprint()
+    # the union is the trajectories of the parts, in order: window i of part 1 is window (3 * per + i) of the union
+    per = parts[0].windows_per_trajectory
+    assert _same(one.get(torch.arange(3 * per, 6 * per)), parts[1].tensors())
+    # shards that number their trajectories from 0 each are renumbered; distinct numbers are kept
+    a, b = small(seed=1, n_trajectories=4), small(seed=2, n_trajectories=3)
+    assert torch.equal(WindowDataset.concat([a, b]).trajectory_ids, torch.arange(7))
+    c, d = a.subset([0, 2]), a.subset([3, 1])
+    assert torch.equal(WindowDataset.concat([c, d]).trajectory_ids, torch.tensor([0, 2, 3, 1]))
+    with pytest.raises(ValueError, match="window"):
+        WindowDataset.concat([a, small(window=Window(4), n_trajectories=2)])
+    with pytest.raises(ValueError, match="streamed"):
+        WindowDataset.concat([a, one])
+    with pytest.raises(ValueError, match="shards"):
+        simulate_shards(sim, obs, tmp_path, shards=0, n_trajectories=4)

@@ -7,7 +7,9 @@ An estimator learns ``p(x_t | y_{t-T:t}, t)`` from simulated windows. It works o
 
 with ``mu``, ``sigma`` estimated from the training set and saved with the model, and minimises a subclass's loss
 ``E[ loss(x~, y~, m, t~) ]`` with AdamW, a cosine or one-cycle learning-rate schedule, gradient clipping and early
-stopping on the validation loss (the best weights are kept and restored at the end).
+stopping on the validation loss (the best weights are kept and restored at the end). Under ``torchrun`` the same
+loop runs data-parallel (:mod:`sbida.distributed`): every rank takes its shard of each global batch, gradients are
+averaged so that the step is the one of the whole batch, and rank 0 alone shows progress and writes checkpoints.
 
 A subclass sets ``defaults`` (its hyperparameters), and implements :meth:`Estimator.build` (the networks),
 :meth:`Estimator.loss` (a scalar from a standardized :class:`Batch`) and :meth:`Estimator.make_posterior`
@@ -25,8 +27,10 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .. import distributed as _dist
 from ..data import Window, WindowDataset
 from ..observations import ObservationModel
 from ..posterior import Posterior
@@ -227,45 +231,55 @@ class Estimator(nn.Module):
     def evaluate(self, data: WindowDataset, batch_size: int = 512, max_windows: int | None = 4096,
                  seed: int = 0) -> float:
         """Mean loss over (a fixed random subset of ``max_windows`` windows of) ``data``, with a fixed seed."""
+        total, n = self._loss_sum(data, batch_size, max_windows, seed)
+        return total / n
+
+    @torch.no_grad()
+    def _loss_sum(self, data: WindowDataset, batch_size: int, max_windows: int | None, seed: int,
+                  rank: int = 0, world: int = 1) -> tuple[float, int]:
+        """Sum of the per-window loss and number of windows, over the batches ``rank, rank + world, ...``."""
         data = self.training_view(data)
         n = len(data) if max_windows is None else min(len(data), max_windows)
         idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
         was = self.training
         self.eval()
-        total = 0.0
+        total, count = 0.0, 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for i in range(0, n, batch_size):
+            for i in range(rank * batch_size, n, batch_size * world):
                 j = idx[i:i + batch_size]
                 total += float(self.loss(self._batch(data, j))) * len(j)
+                count += len(j)
         self.train(was)
-        return total / n
+        return total, count
 
     def fit(self, train: WindowDataset, val: WindowDataset | None = None, epochs: int = 50, batch_size: int = 256,
             lr: float = 1e-3, weight_decay: float = 1e-4, clip: float | None = 1.0, patience: int | None = 10,
             seed: int = 0, progress: bool = True, checkpoint: str | Path | None = None, resume: bool = False,
             max_time: float | None = None, schedule: str = "cosine", steps_per_epoch: int | None = None,
-            val_windows: int | None = 4096, callback: Callable[[int, dict], bool | None] | None = None
-            ) -> dict[str, list[float]]:
+            val_windows: int | None = 4096, callback: Callable[[int, dict], bool | None] | None = None,
+            distributed: bool | None = None) -> dict[str, list[float]]:
         """Train on ``train``, early-stopping on the loss over ``val``; the best weights are restored at the end.
 
         Args:
             train, val: window datasets (``val`` ``None``: the training loss decides the best epoch).
             epochs: maximum number of epochs.
-            batch_size: windows per step.
+            batch_size: windows per step (the global batch, shared among the ranks when distributed).
             lr: peak learning rate of AdamW.
             weight_decay: AdamW's decoupled weight decay.
             clip: maximum gradient norm (``None``: no clipping).
             patience: epochs without improvement of the validation loss before stopping (``None``: never).
             seed: seed of the batch order and of stochastic losses; the same seed gives the same weights.
-            progress: show a progress bar.
-            checkpoint: file written after every epoch (model, optimizer, schedule, history, best weights).
+            progress: show a progress bar (on rank 0 only).
+            checkpoint: file written after every epoch (model, optimizer, schedule, history, best weights), by rank 0.
             resume: continue from ``checkpoint`` if it exists.
             max_time: stop after this many seconds (at the end of the running step).
             schedule: ``"cosine"`` (decay to lr/100), ``"onecycle"`` or ``"constant"``.
             steps_per_epoch: steps of one epoch (default: one pass over ``train``); windows are drawn at random.
             val_windows: windows of ``val`` used for the validation loss (a fixed subset; ``None``: all).
-            callback: ``callback(epoch, history)`` after every epoch; returning ``True`` stops training.
+            callback: ``callback(epoch, history)`` after every epoch (on every rank); returning ``True`` stops.
+            distributed: ``None``: data-parallel when a process group of several ranks is initialized or the
+                ``torchrun`` environment variables are set; ``False``: never; ``True``: required.
 
         Returns:
             The history: lists ``epoch``, ``train_loss``, ``val_loss``, ``lr`` and ``time`` (seconds since the start).
@@ -282,7 +296,18 @@ class Estimator(nn.Module):
             raise ValueError(f"schedule must be 'cosine', 'onecycle' or 'constant', got {schedule!r}")
         if epochs < 1 or batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+        parallel = distributed is not False and _dist.init()
+        if distributed and not parallel:
+            raise ValueError("distributed=True needs an initialized process group of several ranks (run the script "
+                             "with torchrun --nproc_per_node=N, or call sbida.distributed.init() there)")
+        rank, world = (_dist.rank(), _dist.world_size()) if parallel else (0, 1)
         view = self.training_view(train)
+        if world > 1:
+            if min(batch_size, len(view)) < world:
+                raise ValueError(f"a global batch of {min(batch_size, len(view))} windows cannot be shared among "
+                                 f"{world} ranks: use batch_size >= {world}")
+            if _dist.device().type == "cuda" and self.device != _dist.device():
+                self.to(_dist.device())
         steps = steps_per_epoch or max(1, len(view) // batch_size)
         total = epochs * steps
         opt = torch.optim.AdamW(self.param_groups(lr, weight_decay), lr=lr, weight_decay=weight_decay)
@@ -298,23 +323,34 @@ class Estimator(nn.Module):
         checkpoint = Path(checkpoint) if checkpoint is not None else None
 
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if resume and checkpoint is not None and checkpoint.exists():
-                ck = torch.load(checkpoint, map_location=self.device, weights_only=True)
+            # every rank draws its own noise for stochastic losses (rank 0 the noise of a single process)
+            torch.manual_seed(seed if rank == 0 else seed + 7919 * rank)
+            ck = None
+            if resume and checkpoint is not None:
+                if world == 1:
+                    ck = torch.load(checkpoint, map_location=self.device, weights_only=True) \
+                        if checkpoint.exists() else None
+                else:  # read by rank 0, sent to the others (no shared file system needed)
+                    ck = _dist.broadcast_object(torch.load(checkpoint, map_location="cpu", weights_only=True)
+                                                if rank == 0 and checkpoint.exists() else None)
+            if ck is not None:
                 self.load_state_dict(ck["model"])
                 opt.load_state_dict(ck["optimizer"])
                 sched.load_state_dict(ck["scheduler"])
                 history, best, bad = ck["history"], ck["best_val"], ck["bad_epochs"]
                 best_state, start_epoch = ck["best"], ck["epoch"] + 1
                 order.set_state(ck["order_rng"])
-                torch.set_rng_state(ck["rng"])
+                ranks_rng = ck.get("rng_ranks")
+                torch.set_rng_state(ranks_rng[rank] if ranks_rng is not None and len(ranks_rng) == world
+                                    else ck["rng"])
                 elapsed0 = history["time"][-1] if history["time"] else 0.0
             elif not bool(self.fitted):
                 self.fit_standardization(train, seed=seed)
+            model, synced = (self._data_parallel() if world > 1 else (None, []))
             t0 = time.perf_counter() - elapsed0
             stop = start_epoch >= epochs or (patience is not None and bad >= patience)
             bar = tqdm(total=(epochs - start_epoch) * steps, desc=f"{type(self).__name__}", unit="step",
-                       disable=not progress or stop, leave=False)
+                       disable=not progress or stop or rank != 0, leave=False)
             epoch = start_epoch
             while not stop:
                 self.train()
@@ -325,23 +361,37 @@ class Estimator(nn.Module):
                     idx = perm[i:i + batch_size]
                     if len(idx) < batch_size and len(view) >= batch_size:
                         idx = torch.cat([idx, perm[:batch_size - len(idx)]])
-                    loss = self.loss(self._batch(view, idx))
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"the training loss became {float(loss)} at epoch {epoch}, step {s}; "
-                                                 f"lower lr or check the data")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if world == 1:
+                        loss = self.loss(self._batch(view, idx))
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"the training loss became {float(loss)} at epoch {epoch}, "
+                                                     f"step {s}; lower lr or check the data")
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        step_loss, late = float(loss.detach()), False
+                    else:
+                        step_loss, late = self._parallel_step(model, view, idx, opt, max_time, t0)
+                        if not math.isfinite(step_loss):
+                            raise FloatingPointError(f"the training loss became {step_loss} at epoch {epoch}, "
+                                                     f"step {s}; lower lr or check the data")
                     if clip is not None:
                         nn.utils.clip_grad_norm_(self.parameters(), clip)
                     opt.step()
                     if sched.last_epoch < total:
                         sched.step()
-                    running, count = running + float(loss.detach()), count + 1
+                    running, count = running + step_loss, count + 1
                     bar.update()
-                    if max_time is not None and time.perf_counter() - t0 > max_time:
+                    if late or (world == 1 and max_time is not None and time.perf_counter() - t0 > max_time):
                         break
                 train_loss = running / count
-                val_loss = self.evaluate(val, max_windows=val_windows, seed=seed) if val is not None else train_loss
+                if val is None:
+                    val_loss = train_loss
+                elif world == 1:
+                    val_loss = self.evaluate(val, max_windows=val_windows, seed=seed)
+                else:
+                    part = self._loss_sum(val, 512, val_windows, seed, rank, world)
+                    part = _dist.all_reduce(torch.tensor(part, dtype=torch.float64, device=self.device))
+                    val_loss = float(part[0] / part[1])
                 for key, value in (("epoch", epoch), ("train_loss", train_loss), ("val_loss", val_loss),
                                    ("lr", opt.param_groups[0]["lr"]), ("time", time.perf_counter() - t0)):
                     history[key].append(value)
@@ -354,19 +404,61 @@ class Estimator(nn.Module):
                 stop = (epoch + 1 >= epochs or (patience is not None and bad >= patience)
                         or (max_time is not None and time.perf_counter() - t0 > max_time))
                 if checkpoint is not None:
-                    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save({"model": self.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "history": history, "best_val": best,
-                                "bad_epochs": bad, "best": best_state, "epoch": epoch, "order_rng": order.get_state(),
-                                "rng": torch.get_rng_state(), "config": self.config()}, checkpoint)
+                    rngs = None
+                    if world > 1:
+                        rngs = [None] * world
+                        torch.distributed.all_gather_object(rngs, torch.get_rng_state())
+                    if rank == 0:
+                        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                        torch.save({"model": self.state_dict(), "optimizer": opt.state_dict(),
+                                    "scheduler": sched.state_dict(), "history": history, "best_val": best,
+                                    "bad_epochs": bad, "best": best_state, "epoch": epoch,
+                                    "order_rng": order.get_state(), "rng": torch.get_rng_state(),
+                                    "config": self.config(), **({"rng_ranks": rngs} if rngs else {})}, checkpoint)
                 if callback is not None and callback(epoch, history):
                     stop = True
+                if world > 1:  # the ranks stop together (clocks and callbacks may disagree)
+                    stop = bool(_dist.all_reduce(torch.tensor([float(stop)], device=self.device), "max").item())
                 epoch += 1
             bar.close()
         if best_state is not None:
             self.load_state_dict(best_state)
+        if world > 1:
+            for parent, name, original in synced:  # back to plain BatchNorm (same parameters and buffers)
+                setattr(parent, name, original)
+            del model
+            _dist.broadcast_module(self)  # the very same weights on every rank
         self.eval()
         return history
+
+    def _data_parallel(self) -> tuple[DistributedDataParallel, list[tuple[nn.Module, str, nn.Module]]]:
+        """The estimator's loss wrapped in DistributedDataParallel (BatchNorm made SyncBatchNorm on GPU).
+
+        DDP starts by copying rank 0's parameters and buffers to every rank. On the CPU (``gloo``) SyncBatchNorm is
+        not available: BatchNorm layers then normalize with the statistics of the rank's own shard.
+        """
+        synced: list[tuple[nn.Module, str, nn.Module]] = []
+        if self.device.type == "cuda":
+            for parent in list(self.modules()):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                        synced.append((parent, name, child))
+                        setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(_LossOf(self), device_ids=ids, find_unused_parameters=True), synced
+
+    def _parallel_step(self, model: DistributedDataParallel, view: Any, idx: Tensor, opt: torch.optim.Optimizer,
+                       max_time: float | None, t0: float) -> tuple[float, bool]:
+        """Gradients of the global batch ``idx`` from this rank's shard (averaged over ranks by DDP); returns the
+        loss of the global batch and whether any rank ran out of time."""
+        local = _dist.shard(idx)
+        loss = model(self._batch(view, local))
+        opt.zero_grad(set_to_none=True)
+        (loss * (len(local) * _dist.world_size() / len(idx))).backward()
+        late = max_time is not None and time.perf_counter() - t0 > max_time
+        stats = torch.stack([loss.detach().double() * len(local), loss.new_tensor(float(late), dtype=torch.float64)])
+        stats = _dist.all_reduce(stats)
+        return float(stats[0]) / len(idx), bool(stats[1] > 0)
 
     # -- inference -----------------------------------------------------------------------------------------------
     def posterior(self, y: Tensor, mask: Tensor, t: Tensor | float, **kwargs: Any) -> Posterior:
@@ -452,6 +544,17 @@ class Estimator(nn.Module):
 
     def extra_repr(self) -> str:
         return f"state_shape={self.state_shape}, obs_shape={self.obs_shape}, T={self.T}"
+
+
+class _LossOf(nn.Module):
+    """The loss of an estimator as a module's ``forward`` (what DistributedDataParallel wraps)."""
+
+    def __init__(self, estimator: Estimator):
+        super().__init__()
+        self.estimator = estimator
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.estimator.loss(batch)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> Estimator:
