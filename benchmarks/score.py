@@ -1,0 +1,54 @@
+"""Sampling speed of the score estimators at Lorenz-96 K=40 with their default steps (untrained weights: the cost
+of sampling does not depend on them): 1000 samples for one window, and 10 samples for each of 100 windows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import sbida
+from sbida.estimators import ComposedScore, PosteriorScore
+
+
+def timed(post, n: int) -> float:
+    t0 = time.perf_counter()
+    post.sample(n, generator=torch.Generator().manual_seed(0))
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--K", type=int, default=40)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="PosteriorScore and composed mode only, 100 windows x 10")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    task = sbida.tasks.get("lorenz96", K=a.K, n_trajectories=4, n_states=40)
+    data = task.simulate(progress=False)
+    x, y, m, t = data.get(torch.arange(len(data))[:100])
+    kinds = {"score": lambda: PosteriorScore(task), "composed": lambda: ComposedScore(task),
+             "guided": lambda: ComposedScore(task, mode="guided")}
+    if a.quick:
+        kinds.pop("guided")
+    rows = {}
+    for name, make in kinds.items():
+        est = make()
+        est.fit_standardization(data)
+        est.eval()
+        one = timed(est.posterior(y[:1], m[:1], t[:1]), 1000)
+        many = timed(est.posterior(y, m, t), 10)
+        rows[name] = {"1000 samples, 1 window (s)": one, "10 samples x 100 windows (s)": many,
+                      "steps": est.hparams["steps"], "corrections": est.hparams["corrections"]}
+        print(f"{name:9s} K={a.K}: 1000 samples of one window {one:6.2f} s; 10 samples x 100 windows {many:6.2f} s "
+              f"(steps {est.hparams['steps']}, corrections {est.hparams['corrections']})", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
