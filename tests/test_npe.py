@@ -66,21 +66,23 @@ def test_npe_matches_the_exact_linear_gaussian_posterior(lg):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="HPD expected-coverage error measured 0.054 after 10 epochs, above the 0.05 required; "
-                          "the test budget does not reach it yet", strict=False)
-def test_npe_expected_coverage_error(lg):
+@pytest.mark.xfail(reason="the flow's marginals are calibrated (marginal ECE 0.02) but its joint is mis-shaped: "
+                          "HPD ECE 0.054, C2ST AUC 0.86-0.92 after 10 epochs; longer training (900-1800 steps) "
+                          "moves the HPD ECE away (0.094, 0.110) while the marginal ECE drops to 0.002-0.006: the "
+                          "correlations that depend on the mask are not reached through the 128-value context vector",
+                   strict=False)
+def test_npe_expected_coverage_error_and_c2st(lg):
     task, _, _, test, est, _ = lg
     x, y, m, t, mean, cov = exact(task, test, torch.arange(0, len(test), 2))
     post = est.posterior(y, m, t)
     # expected coverage of highest-density regions (ranks of log q(x) among log q of samples): ECE <= 0.05
     g = torch.Generator().manual_seed(0)
-    s = post.sample(500, generator=g)
-    lq_s, lq_x = post.log_prob(s), post.log_prob(x.float())
-    rank = (lq_s > lq_x).double().mean(0)  # fraction of the posterior's mass more probable than the truth
-    levels = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
-    coverage = (rank[None] < levels[:, None]).double().mean(1)
-    ece = (coverage - levels).abs().mean()
-    assert ece <= 0.05, (float(ece), coverage.tolist())
+    res = sbida.diagnostics.expected_coverage(post, x.float(), n_samples=500, generator=g)
+    # C2ST against exact samples on a few windows: AUC <= 0.65
+    s = post.sample(500, generator=torch.Generator().manual_seed(1))[:, :4]
+    ref = torch.distributions.MultivariateNormal(mean[:4], cov[:4]).sample((500,)).float()
+    auc = sum(sbida.diagnostics.c2st(s[:, b], ref[:, b]) for b in range(4)) / 4
+    assert res.ece <= 0.05 and auc <= 0.65, (res.ece, auc, res.coverage.tolist())
 
 
 @pytest.mark.slow

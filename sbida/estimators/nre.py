@@ -1,0 +1,313 @@
+r"""Neural ratio estimation (NRE): a classifier of (state, window) pairs gives the posterior up to a constant.
+
+A classifier :math:`d_\phi(\tilde x, y, t) = \sigma(\log r_\phi)` learns to tell pairs drawn jointly,
+:math:`(\tilde x, y) \sim p(x, y)`, from pairs with the state of another window, :math:`p(x)\,p(y)`. Its Bayes optimum
+is the ratio of the posterior to the state marginal,
+
+.. math:: r(x, y, t) = \frac{d}{1 - d} = \frac{p(x \mid y, t)}{p(x)}, \qquad
+          \log q(x \mid y, t) = \log r_\phi(\tilde x, y, t) + \log \hat p(\tilde x) - \textstyle\sum_i \log \sigma_{x,i}
+          + \text{const}(y, t),
+
+with :math:`\hat p` a Gaussian fitted to the standardized training states. The losses are lampe's binary
+cross-entropy (NRE; Hermans et al., 2020) and its balanced variant (BNRE; Delaunoy et al., 2022),
+:math:`\ell + \lambda\,(\mathbb{E}[d(x, y)] + \mathbb{E}[d(x', y)] - 1)^2`.
+
+The classifier puts the standardized state as a channel beside the window encoder's context map, runs periodic
+convolutions and sums a per-cell output over the grid, :math:`f_\phi(\tilde x, y, t)`. A diagonal Gaussian
+:math:`g(\tilde x \mid y, t)` from the same context map is trained alongside by maximum likelihood, and the
+log-ratio is parametrized relative to it,
+
+.. math:: \log r_\phi = f_\phi + \log g - \log \hat p, \qquad \log q(x \mid y, t) = f_\phi + \log g + \text{const},
+
+so that the classifier only corrects the proposal. Besides the NRE/BNRE loss (negatives: the states of other
+windows), ``f`` alone is trained as the logit of draws of :math:`p(x \mid y)` against draws of :math:`g` (negatives
+near the truth, which the marginal's are not; its optimum is the same :math:`f = \log p(x \mid y) - \log g`).
+:math:`g` is also the proposal of the sampler: ``n`` draws per window from :math:`g` are importance-resampled with
+weights :math:`q / g` and then moved by ``steps`` Metropolis-adjusted Langevin (MALA) steps preconditioned by
+:math:`g`'s scales, all windows and chains at once, the step size of each window adapted towards an acceptance of
+0.57 in the first half of the steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lampe.inference import BNRELoss, NRELoss
+from torch import Tensor, nn
+
+from ..data import WindowDataset
+from ..nn import WindowEncoder, periodic_conv
+from ..posterior import SamplerPosterior
+from .base import Batch, Estimator
+
+__all__ = ["NRE", "RatioNet"]
+
+_SOFTPLUS_ONE = math.log(math.e - 1)  # softplus(_SOFTPLUS_ONE) == 1
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class RatioNet(nn.Module):
+    r"""Log-ratio as a sum of local terms, ``log r(x~, h) = sum_i f([x~, h]_{N(i)})``: the state as channels beside
+    a context map, periodic convolutions (the context's share computed once per window), a per-cell output summed
+    over the grid. A Gaussian likelihood seen through local operators is of this form.
+
+    Args:
+        state_shape: ``(K,)`` or ``(C, H, W)``.
+        context_channels: channels of the encoder's context map.
+        channels: width of the classifier's feature maps.
+        depth: residual periodic convolutions after the first.
+        kernel_size: odd kernel size.
+    """
+
+    def __init__(self, state_shape: tuple[int, ...], context_channels: int, channels: int = 32, depth: int = 1,
+                 kernel_size: int = 3):
+        super().__init__()
+        self.state_shape = tuple(state_shape)
+        self.dim = 1 if len(self.state_shape) == 1 else 2
+        self.state_channels = 1 if self.dim == 1 else self.state_shape[0]
+        self.grid = self.state_shape[-self.dim:]
+        self.x_in = periodic_conv(self.dim, self.state_channels, channels, kernel_size)
+        self.c_in = periodic_conv(self.dim, context_channels, channels, 1)
+        self.blocks = nn.ModuleList([periodic_conv(self.dim, channels, channels, kernel_size) for _ in range(depth)])
+        self.mix = periodic_conv(self.dim, channels, channels, 1)
+        self.out = periodic_conv(self.dim, channels, 1, 1)
+        self.act = nn.SiLU()
+
+    def context(self, hmap: Tensor) -> Tensor:
+        """The classifier's share of a context map ``(B, C, *grid)`` -> ``(B, channels, *grid)`` (once per window)."""
+        return self.c_in(hmap)
+
+    def forward(self, theta: Tensor, context: Tensor) -> Tensor:
+        """Log-ratios of standardized flat states.
+
+        Args:
+            theta: ``(..., B, D)`` standardized flat states.
+            context: ``(B, channels, *grid)`` from :meth:`context`.
+
+        Returns:
+            ``(..., B)`` log-ratios.
+        """
+        lead, B = theta.shape[:-2], theta.shape[-2]
+        h = self.x_in(theta.reshape(-1, self.state_channels, *self.grid))
+        h = self.act((h.reshape(-1, B, *h.shape[1:]) + context).flatten(0, 1))
+        for conv in self.blocks:
+            h = h + self.act(conv(h))
+        h = self.out(self.act(self.mix(h)))
+        return h.flatten(1).sum(-1).reshape(*lead, B)
+
+
+class NRE(Estimator):
+    """Neural ratio estimation with a window encoder, a convolutional classifier and a MALA sampler.
+
+    Hyperparameters (``NRE.defaults``): encoder ``channels``, ``depth``, ``kernel_size``, ``emb_features``,
+    ``aggregate``; classifier ``ratio_channels``, ``ratio_depth``, ``ratio_kernel``; ``loss`` (``"nre"`` or
+    ``"bnre"``) and ``lmbda`` (BNRE's balance weight); ``contrast_weight`` (the cross-entropy against proposal
+    draws), ``proposal_weight`` (the proposal's negative log-likelihood);
+    ``marginal`` (``"full"`` or ``"diag"`` covariance of the fitted state marginal) and ``shrinkage`` (of its
+    covariance towards the diagonal); sampler ``steps`` (MALA steps), ``inflate`` (proposal scale factor),
+    ``sample_rows`` (chains run at once, bounds memory).
+    """
+
+    defaults: dict[str, Any] = {
+        "channels": 32, "depth": 3, "kernel_size": 5, "emb_features": 32, "aggregate": "concat",
+        "ratio_channels": 32, "ratio_depth": 1, "ratio_kernel": 3, "loss": "nre", "lmbda": 100.0,
+        "contrast_weight": 1.0, "proposal_weight": 1.0,
+        "marginal": "full", "shrinkage": 0.01, "steps": 20, "inflate": 1.5, "sample_rows": 65536,
+    }
+
+    def build(self) -> None:
+        h = self.hparams
+        if h["loss"] not in ("nre", "bnre"):
+            raise ValueError(f"loss must be 'nre' or 'bnre', got {h['loss']!r}")
+        if h["marginal"] not in ("full", "diag"):
+            raise ValueError(f"marginal must be 'full' or 'diag', got {h['marginal']!r}")
+        if int(h["steps"]) < 0 or float(h["inflate"]) <= 0:
+            raise ValueError(f"steps must be >= 0 and inflate > 0, got {h['steps']} and {h['inflate']}")
+        self.encoder = WindowEncoder(self.state_shape, self.obs_shape, self.lags, self.lift, channels=h["channels"],
+                                     depth=h["depth"], kernel_size=h["kernel_size"], features=0,
+                                     emb_features=h["emb_features"], aggregate=h["aggregate"])
+        self.ratio = RatioNet(self.state_shape, h["channels"], h["ratio_channels"],
+                              h["ratio_depth"], h["ratio_kernel"])
+        sc = self.encoder.state_channels
+        self.proposal_head = periodic_conv(self.encoder.dim, h["channels"], 2 * sc, 3)
+        nn.init.zeros_(self.proposal_head.weight)
+        nn.init.zeros_(self.proposal_head.bias)
+        D = self.event_size
+        self.register_buffer("marginal_tril", torch.eye(D) if h["marginal"] == "full" else torch.ones(D))
+
+    # -- pieces ------------------------------------------------------------------------------------------------
+    def fit_standardization(self, data: WindowDataset, max_windows: int = 20000, seed: int = 0) -> None:
+        """The standardization of the base class, and the Gaussian state marginal ``N(0, C)`` of standardized
+        states (``C`` a correlation matrix shrunk by ``shrinkage`` towards the identity, or its diagonal)."""
+        super().fit_standardization(data, max_windows, seed)
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(data), generator=g)[:min(len(data), max_windows)]
+        x = ((data.get(idx)[0].double() - self.x_mean.double()) / self.x_std.double()).flatten(1)
+        if self.hparams["marginal"] == "diag":
+            self.marginal_tril.copy_(x.std(0))
+            return
+        C = torch.cov(x.T).reshape(self.event_size, self.event_size)
+        lam = float(self.hparams["shrinkage"])
+        C = (1 - lam) * C + lam * torch.diag(C.diagonal())
+        self.marginal_tril.copy_(torch.linalg.cholesky(C))
+
+    def marginal_log_prob(self, x: Tensor) -> Tensor:
+        """Log-density of the fitted marginal at standardized flat states ``(..., D)`` -> ``(...)``."""
+        L = self.marginal_tril
+        if L.dim() == 1:
+            z = x / L
+            logdet = L.log().sum()
+        else:
+            z = torch.linalg.solve_triangular(L, x.reshape(-1, x.shape[-1]).T, upper=False).T.reshape(x.shape)
+            logdet = L.diagonal().log().sum()
+        return -0.5 * z.square().sum(-1) - logdet - 0.5 * x.shape[-1] * _LOG_2PI
+
+    def _proposal(self, hmap: Tensor) -> tuple[Tensor, Tensor]:
+        """Location and scale ``(B, D)`` of the diagonal Gaussian proposal over standardized flat states."""
+        loc, raw = self.proposal_head(hmap).chunk(2, dim=1)
+        return loc.flatten(1), F.softplus(raw + _SOFTPLUS_ONE).flatten(1) + 1e-3
+
+    def log_posterior(self, z: Tensor, context: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
+        """Unnormalized log-posterior ``f(z~, y) + log g(z~ | y)`` of standardized flat states ``(..., B, D)`` given
+        the classifier's context ``(B, C, *grid)`` and the proposal ``loc, scale (B, D)``: ``(..., B)``."""
+        log_g = (-0.5 * ((z - loc) / scale).square() - scale.log()).sum(-1) - 0.5 * z.shape[-1] * _LOG_2PI
+        return self.ratio(z, context) + log_g
+
+    def log_ratio(self, z: Tensor, context: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
+        """Log posterior-to-marginal ratio ``log r = log q(z~ | y) - log p^(z~)`` ``(..., B)`` (the classifier's
+        logit in the NRE loss)."""
+        return self.log_posterior(z, context, loc, scale) - self.marginal_log_prob(z)
+
+    def loss(self, batch: Batch) -> Tensor:
+        """Ratio loss (NRE or BNRE, from lampe) + ``contrast_weight`` x the cross-entropy against proposal draws +
+        ``proposal_weight`` x the proposal's negative log-likelihood per cell."""
+        hmap, _ = self.encoder(batch.y, batch.mask, batch.t)
+        context = self.ratio.context(hmap)
+        x = batch.x.flatten(1)
+        loc, scale = self._proposal(hmap)
+        nll = (0.5 * ((x - loc) / scale).square() + scale.log()).mean()
+        g_loc, g_scale = loc.detach(), scale.detach()
+
+        def log_r(theta: Tensor, ctx: Tensor) -> Tensor:
+            return self.log_ratio(theta, ctx, g_loc, g_scale)
+
+        if self.hparams["loss"] == "bnre":
+            ratio_loss = BNRELoss(log_r, lmbda=float(self.hparams["lmbda"]))(x, context)
+        else:
+            ratio_loss = NRELoss(log_r)(x, context)
+        # the same classifier against draws of the proposal: logit f = log q - log g (negatives near the truth)
+        x_g = g_loc + g_scale * torch.randn_like(g_loc)
+        f = self.ratio(torch.stack([x, x_g]), context)
+        contrast = -(F.logsigmoid(f[0]) + F.logsigmoid(-f[1])).mean() / 2
+        h = self.hparams
+        return ratio_loss + float(h["contrast_weight"]) * contrast + float(h["proposal_weight"]) * nll
+
+    # -- inference ---------------------------------------------------------------------------------------------
+    def make_posterior(self, batch: Batch, steps: int | None = None, inflate: float | None = None,
+                       **kwargs: Any) -> SamplerPosterior:
+        """Posterior of standardized windows: samples by importance resampling and MALA, unnormalized density.
+
+        Args:
+            batch: standardized windows (``x`` is ``None``).
+            steps: MALA steps (default the ``steps`` hyperparameter; 0: importance resampling only).
+            inflate: factor on the proposal's scales (default the ``inflate`` hyperparameter).
+
+        Returns:
+            A :class:`~sbida.posterior.SamplerPosterior` whose ``log_prob`` is the log-density *up to a constant per
+            window* (enough for highest-density regions and ranks; not a normalized log score). The acceptance
+            rates of the last draw are in its attribute ``acceptance`` ``(B,)``.
+        """
+        if kwargs:
+            raise ValueError(f"unknown options of NRE.posterior: {sorted(kwargs)}; expected steps, inflate")
+        steps = int(self.hparams["steps"] if steps is None else steps)
+        inflate = float(self.hparams["inflate"] if inflate is None else inflate)
+        if steps < 0 or inflate <= 0:
+            raise ValueError(f"steps must be >= 0 and inflate > 0, got {steps} and {inflate}")
+        hmap, _ = self.encoder(batch.y, batch.mask, batch.t)
+        context = self.ratio.context(hmap)
+        loc, scale = self._proposal(hmap)
+        B, D = loc.shape
+        rows = int(self.hparams["sample_rows"])
+        x_mean, x_std = self.x_mean.reshape(-1), self.x_std.reshape(-1)
+        log_jac = x_std.log().sum()
+
+        def sample_fn(n: int, generator: torch.Generator | None) -> Tensor:
+            chunk = max(1, rows // n)
+            out, acc = [], []
+            for i in range(0, B, chunk):
+                j = slice(i, min(B, i + chunk))
+                target = functools.partial(self.log_posterior, context=context[j], loc=loc[j], scale=scale[j])
+                z, a = _sample_windows(target, loc[j], scale[j] * inflate, n, steps, generator)
+                out.append(z)
+                acc.append(a)
+            post.acceptance = torch.cat(acc)
+            x = torch.cat(out, 1) * x_std + x_mean
+            return x.reshape(n, B, *self.state_shape)
+
+        @torch.no_grad()
+        def log_prob_fn(x: Tensor) -> Tensor:
+            lead = x.shape[:-1 - len(self.state_shape)]
+            z = ((x.to(loc.dtype).reshape(-1, B, D)) - x_mean) / x_std
+            per = max(1, rows // B)
+            lp = torch.cat([self.log_posterior(z[k:k + per], context, loc, scale) for k in range(0, z.shape[0], per)])
+            return (lp - log_jac).reshape(*lead, B)
+
+        post = SamplerPosterior(sample_fn, B, self.state_shape, log_prob_fn=log_prob_fn, device=loc.device)
+        post.acceptance = None
+        return post
+
+
+def _sample_windows(log_target, loc: Tensor, scale: Tensor, n: int, steps: int,
+                    generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """``n`` draws ``(n, b, D)`` for each of ``b`` windows: importance resampling from ``N(loc, scale^2)`` then
+    ``steps`` MALA steps preconditioned by ``scale``; also the mean acceptance rate of each window ``(b,)``."""
+    b, D = loc.shape
+    dev, dtype = loc.device, loc.dtype
+    with torch.no_grad():
+        z = loc + scale * torch.randn(n, b, D, generator=generator, device=dev, dtype=dtype)
+        log_g = (-0.5 * ((z - loc) / scale).square() - scale.log()).sum(-1)
+        log_w = log_target(z) - log_g  # (n, b)
+        idx = torch.multinomial(torch.softmax(log_w.T.double(), -1), n, replacement=True,
+                                generator=generator).T  # (n, b)
+        z = z.gather(0, idx[..., None].expand(n, b, D))
+    acceptance = torch.zeros(b, dtype=dtype, device=dev)
+    if steps == 0:
+        return z, acceptance
+    # MALA with the diagonal mass matrix scale^2: z' = z + eps^2/2 s^2 grad + eps s xi
+    eps = torch.full((b, 1), 1.0 * D ** (-1 / 6), dtype=dtype, device=dev)
+    s2 = scale.square()
+    adapt = max(1, steps // 2)
+
+    def value_and_grad(z: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            lp = log_target(z)
+            (grad,) = torch.autograd.grad(lp.sum(), z)
+        return lp.detach(), grad
+
+    lp, grad = value_and_grad(z)
+    kept = torch.zeros(b, dtype=dtype, device=dev)
+    for k in range(steps):
+        drift = z + 0.5 * eps.square() * s2 * grad
+        z_new = drift + eps * scale * torch.randn(n, b, D, generator=generator, device=dev, dtype=dtype)
+        lp_new, grad_new = value_and_grad(z_new)
+        back = z_new + 0.5 * eps.square() * s2 * grad_new
+        log_fwd = -0.5 * ((z_new - drift) / (eps * scale)).square().sum(-1)
+        log_bwd = -0.5 * ((z - back) / (eps * scale)).square().sum(-1)
+        log_alpha = (lp_new - lp + log_bwd - log_fwd).nan_to_num(nan=-math.inf)
+        u = torch.rand(n, b, generator=generator, device=dev, dtype=dtype)
+        accept = u.log() < log_alpha
+        z = torch.where(accept[..., None], z_new, z)
+        lp = torch.where(accept, lp_new, lp)
+        grad = torch.where(accept[..., None], grad_new, grad)
+        rate = accept.to(dtype).mean(0)
+        if k < adapt:
+            eps = eps * torch.exp(0.5 * (rate - 0.574))[:, None]
+        else:
+            kept += rate
+    acceptance = kept / max(1, steps - adapt)
+    return z.detach(), acceptance

@@ -1,0 +1,160 @@
+"""NRE: the ratio losses, the sampler, accuracy on the linear-Gaussian task and Lorenz-96, persistence, errors."""
+
+import math
+
+import pytest
+import torch
+
+import sbida
+from sbida.estimators import NRE, Estimator, load
+from sbida.estimators.nre import _sample_windows
+from sbida.posterior import SamplerPosterior
+
+SMALL = {"channels": 8, "depth": 1, "emb_features": 8, "ratio_channels": 8, "steps": 4}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    task = sbida.tasks.get("lorenz96", K=8, n_trajectories=8, n_states=40)
+    train, val = task.simulate(progress=False).split(0.75, 0.25)
+    est = NRE(task, **SMALL)
+    est.fit(train, val, epochs=2, steps_per_epoch=3, batch_size=32, progress=False)
+    return task, train, val, est
+
+
+def test_mala_samples_a_known_gaussian():
+    """The sampler alone: a correlated Gaussian target (condition number ~5) from a mismatched diagonal proposal,
+    3 windows at once (MALA mixes slowly on badly conditioned targets: the proposal's scales are its only
+    preconditioner)."""
+    g = torch.Generator().manual_seed(0)
+    D, b = 6, 3
+    A = 0.3 * torch.randn(b, D, D, generator=g) / math.sqrt(D) + torch.eye(D)
+    cov = A @ A.transpose(-1, -2)
+    mu = torch.randn(b, D, generator=g)
+    target = torch.distributions.MultivariateNormal(mu, cov)
+    loc, scale = mu + 0.5, cov.diagonal(dim1=-2, dim2=-1).sqrt() * 0.7  # off centre, too narrow
+    z, acc = _sample_windows(target.log_prob, loc, scale * 1.5, 4000, 60, g)
+    assert z.shape == (4000, b, D) and acc.shape == (b,)
+    assert ((acc > 0.3) & (acc < 0.9)).all(), acc
+    assert torch.allclose(z.mean(0), mu, atol=0.08)
+    emp = torch.einsum("nbi,nbj->bij", z - z.mean(0), z - z.mean(0)) / 3999
+    assert torch.allclose(emp, cov, atol=0.15), (emp - cov).abs().max()
+
+
+def test_loss_variants_and_marginal(tiny):
+    task, train, val, est = tiny
+    x, y, m, t = train.get(torch.arange(16))
+    batch = est.standardize(x, y, m, t)
+    assert torch.isfinite(est.loss(batch))
+    bnre = NRE(task, **SMALL, loss="bnre")
+    bnre.fit_standardization(train)
+    assert torch.isfinite(bnre.loss(bnre.standardize(x, y, m, t)))
+    # the fitted marginal is a normalized Gaussian of the standardized states: its log-density matches torch's
+    L = est.marginal_tril
+    z = torch.randn(5, 8)
+    ref = torch.distributions.MultivariateNormal(torch.zeros(8), scale_tril=L).log_prob(z)
+    assert torch.allclose(est.marginal_log_prob(z), ref, atol=1e-4)
+    diag = NRE(task, **SMALL, marginal="diag")
+    diag.fit_standardization(train)
+    ref = torch.distributions.Normal(0, diag.marginal_tril).log_prob(z).sum(-1)
+    assert torch.allclose(diag.marginal_log_prob(z), ref, atol=1e-4)
+
+
+def test_posterior_shapes_and_unnormalized_density(tiny):
+    task, train, _, est = tiny
+    x, y, m, t = train.get(torch.arange(5))
+    post = est.posterior(y, m, t)
+    assert isinstance(post, SamplerPosterior) and post.has_log_prob
+    s = post.sample(7, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (7, 5, 8) and torch.isfinite(s).all()
+    assert post.acceptance.shape == (5,)
+    lp = post.log_prob(s)
+    assert lp.shape == (7, 5) and torch.isfinite(lp).all()
+    # log q = f + log g - sum log sigma_x: the density moves with the standardization (change of variables)
+    with torch.no_grad():
+        z = (s - est.x_mean) / est.x_std
+        b = est.standardize(None, y, m, t)
+        hmap, _ = est.encoder(b.y, b.mask, b.t)
+        loc, scale = est._proposal(hmap)
+        direct = est.log_posterior(z.flatten(2), est.ratio.context(hmap), loc, scale) - est.x_std.log().sum()
+    assert torch.allclose(lp, direct, atol=1e-4)
+    assert post.sample(3, generator=torch.Generator().manual_seed(0)).shape == (3, 5, 8)
+    assert est.posterior(y, m, t, steps=0).sample(4).shape == (4, 5, 8)
+
+
+def test_save_load_gives_identical_samples(tiny, tmp_path):
+    task, train, _, est = tiny
+    x, y, m, t = train.get(torch.arange(4))
+    other = load(est.save(tmp_path / "nre.pt"))
+    assert isinstance(other, NRE) and other.hparams == est.hparams
+    a = est.posterior(y, m, t).sample(20, generator=torch.Generator().manual_seed(3))
+    b = other.posterior(y, m, t).sample(20, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert torch.equal(est.posterior(y, m, t).log_prob(a), other.posterior(y, m, t).log_prob(a))
+    assert torch.equal(other.marginal_tril, est.marginal_tril)
+
+
+def test_bad_input_is_a_clear_error(tiny):
+    task, train, _, est = tiny
+    x, y, m, t = train.get(torch.arange(4))
+    with pytest.raises(RuntimeError, match="not trained"):
+        NRE(task, **SMALL).posterior(y, m, t)
+    with pytest.raises(ValueError, match="window of 10"):
+        est.posterior(y[:, :5], m[:, :5], t)
+    with pytest.raises(ValueError, match="NaN"):
+        est.posterior(torch.where(m, torch.nan, y), m, t)
+    with pytest.raises(ValueError, match="empty mask"):
+        est.posterior(y, torch.zeros_like(m), t)
+    with pytest.raises(ValueError, match="expected states of shape"):
+        est.posterior(y, m, t).log_prob(torch.zeros(4, 16))
+    with pytest.raises(ValueError, match="steps must be"):
+        est.posterior(y, m, t, steps=-1)
+    with pytest.raises(ValueError, match="unknown options"):
+        est.posterior(y, m, t, step=3)
+    with pytest.raises(ValueError, match="loss must be"):
+        NRE(task, loss="cnre")
+    with pytest.raises(ValueError, match="unknown hyperparameters"):
+        NRE(task, ratio_chanels=8)
+
+
+def test_config_file_matches_the_code():
+    cfg = sbida.config.load_yaml(sbida.tasks.CONFIG_DIR / "estimators" / "nre.yaml")
+    assert set(cfg["estimator"]) == set(NRE.defaults) | {"seed"}
+    import inspect
+    assert set(cfg["fit"]) <= set(inspect.signature(Estimator.fit).parameters)
+
+
+def interpolate_last(y: torch.Tensor, m: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Naive estimate: the last observation time's station values, linearly interpolated on the periodic grid."""
+    K = H.shape[1]
+    pos = H.argmax(1).double()  # (M,) station cells
+    cells = torch.arange(K, dtype=torch.float64)
+    d = (cells[:, None] - pos[None]) % K  # distance to each station going right
+    left = d.argmin(1)  # nearest station at or to the left of each cell
+    right = (left + 1) % len(pos)
+    gap = ((pos[right] - pos[left]) % K).clamp_min(1)
+    w = d[torch.arange(K), left] / gap
+    v = y[:, -1].double()
+    return (1 - w) * v[:, left] + w * v[:, right]
+
+
+@pytest.mark.slow
+def test_nre_beats_climatology_and_interpolation_on_lorenz96():
+    task = sbida.tasks.get("lorenz96", K=40)
+    train, val, test = task.simulate(progress=False, n_trajectories=32, n_states=200).split(0.8, 0.1, 0.1)
+    est = NRE(task, channels=16, depth=2, emb_features=16, ratio_channels=16, steps=10)
+    est.fit(train, val, epochs=4, steps_per_epoch=20, batch_size=256, lr=3e-3, progress=False)
+    x, y, m, t = test.get(torch.arange(0, len(test), 3))
+    mean = est.posterior(y, m, t).sample(100, generator=torch.Generator().manual_seed(0)).mean(0).double()
+    rmse = (mean - x).pow(2).mean().sqrt()
+    clim = (train.get(torch.arange(len(train)))[0].double().mean(0) - x).pow(2).mean().sqrt()
+    naive = (interpolate_last(y, m, task.observation.matrix(dtype=torch.float64)) - x).pow(2).mean().sqrt()
+    assert rmse < 0.8 * min(clim, naive), (float(rmse), float(clim), float(naive))
