@@ -125,3 +125,36 @@ def test_simulate_a_run_config(tmp_path, capsys):
     data = WindowDataset.load(tmp_path / "data.h5")
     assert data.n_trajectories == 5 and data.state_shape == (8,)
     assert "run folder" in capsys.readouterr().out
+
+
+def test_quickstart_config_names_the_five_methods():
+    from sbida.runs import load_config
+
+    cfg = load_config("quickstart")
+    assert cfg.task == "lorenz96" and cfg.task_overrides.get("simulator", {}).get("K", 40) == 40
+    assert set(cfg.estimators) == {"npe", "score", "coda"} and set(cfg.baselines) == {"enks", "fourdvar"}
+    for spec in cfg.estimators.values():  # fixed budgets: the same seed gives the same metrics
+        assert spec.fit.get("epochs") and spec.fit.get("max_time", 0) >= 120
+
+
+QUICK_TINY = ["task_overrides.simulator.K=8", "task_overrides.data.n_trajectories=12",
+              "task_overrides.data.n_states=40", "evaluation.n_samples=32", "evaluation.max_windows=24",
+              "evaluation.example_samples=32", "baselines.enks.options.members=10",
+              "baselines.fourdvar.options.max_iter=5",
+              "estimators.npe={estimator: {channels: 8, depth: 1, features: 16, hidden: [16], transforms: 2}, "
+              "fit: {epochs: 1, steps_per_epoch: 3, batch_size: 32}}",
+              "estimators.score={kind: posterior_score, estimator: {channels: 8, depth: 1, features: 16, "
+              "unet_channels: [8, 16], steps: 4, corrections: 0}, "
+              "fit: {epochs: 1, steps_per_epoch: 3, batch_size: 32}}",
+              "estimators.coda={estimator: {channels: [8, 16], rollout: 2}, fit: {epochs: 1, steps_per_epoch: 3}}"]
+
+
+@pytest.mark.slow
+def test_quickstart_prints_the_report_and_its_table(tmp_path, capsys):
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--quiet", *QUICK_TINY]) == 0
+    text = capsys.readouterr().out
+    assert f"report: {out / 'report.html'}" in text and (out / "report.html").is_file()
+    table = text[text.index("method"):].splitlines()
+    assert [row.split()[0] for row in table[1:6]] == ["npe", "score", "coda", "enks", "fourdvar"]
+    assert json.loads((out / "metrics.json").read_text())["task"] == "lorenz96"
