@@ -87,10 +87,16 @@ def _norm(name: str) -> str:
     return name.lower().replace("_", "").replace("-", "")
 
 
+# short names of estimators whose configuration file is not named after the class
+ESTIMATOR_ALIASES = {"score": "PosteriorScore", "composed": "ComposedScore"}
+
+
 def estimator_class(kind: str) -> type:
-    """The estimator class registered under ``kind`` (case, ``_`` and ``-`` ignored: ``npe``, ``posterior_score``)."""
+    """The estimator class registered under ``kind`` (case, ``_`` and ``-`` ignored: ``npe``, ``posterior_score``;
+    or a short name of :data:`ESTIMATOR_ALIASES`, e.g. ``score``)."""
     from .estimators.base import REGISTRY
 
+    kind = ESTIMATOR_ALIASES.get(_norm(kind), kind)
     for name, cls in REGISTRY.items():
         if _norm(name) == _norm(kind):
             return cls
@@ -167,9 +173,9 @@ def _estimator_settings(cfg: RunConfig, label: str) -> tuple[type, dict[str, Any
     spec = cfg.estimators[label]
     kind = spec.kind or label
     cls = estimator_class(kind)
-    file = CONFIG_DIR / "estimators" / f"{_norm(kind)}.yaml"
-    if not file.exists():
-        file = CONFIG_DIR / "estimators" / f"{kind}.yaml"
+    names = [_norm(kind), kind] + [alias for alias, name in ESTIMATOR_ALIASES.items() if name == cls.__name__]
+    file = next((f for f in (CONFIG_DIR / "estimators" / f"{n}.yaml" for n in names) if f.exists()),
+                CONFIG_DIR / "estimators" / f"{kind}.yaml")
     defaults = load_yaml(file) if file.exists() else {}
     unknown = set(defaults) - {"name", "estimator", "fit"}
     if unknown:
