@@ -100,15 +100,7 @@ def test_forecast_rmse_is_zero_from_the_truth_and_grows_from_an_error():
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions: one thread is faster and steadier on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def trained(one_thread):
+def trained():
     """CODA on lorenz96-sparse with F started at 6 instead of 8 (tuned jointly): 400 steps of 32 windows."""
     task = sbida.tasks.get("lorenz96-sparse", n_trajectories=32, n_states=192)
     train, test = task.simulate(progress=False).split(0.8, 0.2)
@@ -163,7 +155,7 @@ def test_bad_input(trained):
 
 
 @pytest.mark.slow
-def test_learned_closure_improves_the_forecast(one_thread):
+def test_learned_closure_improves_the_forecast():
     """Closure learned from sparse noisy slow observations of the two-scale model: the hybrid model's free
     forecast beats the truncated model's up to 2 time units, and B(x) has the sign of the mean coupling."""
     task = sbida.tasks.get("lorenz96-two-scale", n_trajectories=24, n_states=160)

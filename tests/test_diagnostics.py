@@ -14,15 +14,6 @@ from sbida.posterior import EnsemblePosterior, GaussianPosterior, SamplerPosteri
 B, D, N_SAMPLES = 2000, 8, 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small batched linear algebra runs far slower with two threads on a busy 2-core machine; restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def gaussian():
     """Synthetic windows: posteriors N(mu_b, Sigma_b) with random correlated covariances, truths drawn from them."""

@@ -25,15 +25,6 @@ def np_derivative(f: np.ndarray, axis: int) -> np.ndarray:
     return np.fft.ifft(1j * k.reshape(shape) * np.fft.fft(f, axis=axis), axis=axis).real
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small batches run fastest on one thread; two threads make them slow and erratic on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rel(a, b) -> float:
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 

@@ -12,17 +12,8 @@ from sbida.posterior import DistributionPosterior
 SMALL = {"channels": 8, "depth": 1, "features": 16, "emb_features": 8, "transforms": 2, "hidden": [16]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small networks: one thread is about as fast as two, and immune to oversubscribed cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def lg(one_thread):
+def lg():
     """A linear-Gaussian task, its data split by trajectory and an NPE trained on a small budget."""
     task = sbida.tasks.get("linear-gaussian")
     data = task.simulate(progress=False, n_trajectories=256)

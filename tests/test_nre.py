@@ -13,14 +13,6 @@ from sbida.posterior import SamplerPosterior
 SMALL = {"channels": 8, "depth": 1, "emb_features": 8, "ratio_channels": 8, "steps": 4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     task = sbida.tasks.get("lorenz96", K=8, n_trajectories=8, n_states=40)
