@@ -1,5 +1,9 @@
 """Sampling speed of the score estimators at Lorenz-96 K=40 with their default steps (untrained weights: the cost
-of sampling does not depend on them): 1000 samples for one window, and 10 samples for each of 100 windows."""
+of sampling does not depend on them): 1000 samples for one window, and 10 samples for each of 100 windows.
+
+One network evaluation per predictor or corrector step (``steps * (1 + corrections) - corrections`` in all); the
+composed mode evaluates the network on ``T + 1`` rows per sample (each observation time and the prior), so it costs
+about ``T + 1`` times the posterior score's. Timings on a shared machine are noisy: use ``--threads 1`` there."""
 
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ class PosteriorScore(Estimator):
 
     defaults: dict[str, Any] = {
         "channels": 32, "depth": 2, "kernel_size": 5, "features": 64, "emb_features": 32, "aggregate": "concat",
-        "unet_channels": [32, 64], "blocks": 1, "steps": 32, "corrections": 1, "tau": 0.3,
+        "unet_channels": [16, 32], "blocks": 1, "steps": 16, "corrections": 1, "tau": 0.4,
         "sigma_min": 1e-3, "mu_min": 2e-2, "sample_rows": 8192,
     }
 

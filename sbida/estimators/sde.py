@@ -12,7 +12,8 @@ so that ``mu_s^2 + sigma_s^2 = 1`` (variance preserving); ``x_0`` is the data up
 :math:`\nabla \log p_s(x_s) = -\hat\varepsilon / \sigma_s` and the denoiser (Tweedie)
 :math:`\hat x_0 = (x_s - \sigma_s \hat\varepsilon) / \mu_s`.
 
-Sampling integrates from ``s = 1`` to ``0`` on ``steps`` uniform steps. The predictor is the deterministic DDIM
+Sampling integrates from ``s = 1`` to ``0`` on the grid ``s_i = (1 - i / steps)^2`` (finer at low noise).
+The predictor is the deterministic DDIM
 update :math:`x_{s'} = \mu_{s'} \hat x_0 + \sigma_{s'} \hat\varepsilon`; after each predictor step but the last,
 ``corrections`` Langevin steps at ``s'``
 

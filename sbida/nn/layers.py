@@ -18,8 +18,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["periodic_conv", "PeriodicConv1d", "SinusoidalEmbedding", "FourierEmbedding", "FiLM", "ResBlock",
-           "check_dim"]
+__all__ = ["periodic_conv", "circular_pad", "PeriodicConv1d", "PeriodicConv2d", "SinusoidalEmbedding",
+           "FourierEmbedding", "FiLM", "ResBlock", "check_dim"]
 
 
 def check_dim(dim: int) -> int:
@@ -45,27 +45,52 @@ def periodic_conv(dim: int, in_channels: int, out_channels: int, kernel_size: in
     check_dim(dim)
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd and positive (centred periodic kernel), got {kernel_size}")
-    mode = "circular" if kernel_size > 1 else "zeros"
     if dim == 1:
         return PeriodicConv1d(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
-    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-                     padding_mode=mode, bias=bias)
+    return PeriodicConv2d(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
+
+
+def circular_pad(x: Tensor, pad: int, dims: int) -> Tensor:
+    """Pad the last ``dims`` axes of ``x`` by ``pad`` cells on each side with the values of the opposite edge."""
+    if pad == 0:
+        return x
+    for d in range(-dims, 0):
+        n = x.shape[d]
+        if pad > n:
+            raise ValueError(f"a periodic padding of {pad} cells needs a grid of at least {pad} cells, got {n}")
+        x = torch.cat([x.narrow(d, n - pad, pad), x, x.narrow(d, 0, pad)], dim=d)
+    return x
+
+
+class PeriodicConv2d(nn.Conv2d):
+    """A periodic 2-D convolution ``(B, C, H, W) -> (B, C', H', W')``: one explicit circular pad, then a plain conv.
+
+    Same maths as ``nn.Conv2d(..., padding_mode="circular")``, whose padding path is several times slower on CPU.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0, bias=bias)
+        self.pad = kernel_size // 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(circular_pad(x, self.pad, 2), self.weight, self.bias)
 
 
 class PeriodicConv1d(nn.Conv2d):
     """A periodic 1-D convolution ``(B, C, L) -> (B, C', L')`` run as a ``1 x k`` 2-D convolution.
 
     Same maths as ``nn.Conv1d(..., padding_mode="circular")``; on CPU the 2-D kernels of torch 2.13 are about ten
-    times faster than the 1-D ones in the backward pass.
+    times faster than the 1-D ones in the backward pass, and one explicit circular pad before an unpadded
+    convolution is faster than the built-in circular padding mode.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, bias: bool = True):
-        super().__init__(in_channels, out_channels, (1, kernel_size), stride=(1, stride),
-                         padding=(0, kernel_size // 2), padding_mode="circular" if kernel_size > 1 else "zeros",
-                         bias=bias)
+        super().__init__(in_channels, out_channels, (1, kernel_size), stride=(1, stride), padding=0, bias=bias)
+        self.pad = kernel_size // 2
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.unsqueeze(-2)).squeeze(-2)
+        x = circular_pad(x, self.pad, 1).unsqueeze(-2)
+        return self._conv_forward(x, self.weight, self.bias).squeeze(-2)
 
 
 class SinusoidalEmbedding(nn.Module):
