@@ -11,14 +11,6 @@ from sbida.estimators.sde import CosineSchedule
 SMALL = {"channels": 8, "depth": 1, "features": 16, "emb_features": 8, "unet_channels": [8, 16], "steps": 4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def diffused_eps(x, mean, var, mu, sigma):
     """Exact noise prediction of N(mean, diag var) diffused to (mu, sigma)."""
     return sigma * (x - mu * mean) / (mu**2 * var + sigma**2)

@@ -12,14 +12,6 @@ SMALL = {"channels": 8, "depth": 1, "features": 16, "emb_features": 8, "unet_cha
 MEDIUM = {"channels": 16, "depth": 1, "features": 32, "emb_features": 16, "unet_channels": [16, 32]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gaussian_eps(m, v, schedule):
     """The exact noise prediction of N(m, diag v) diffused by the schedule."""
     def eps(x, s):
