@@ -58,6 +58,13 @@ def _diagonal(ax: Axes, xlabel: str, ylabel: str) -> None:
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=xlabel, ylabel=ylabel, aspect="equal")
 
 
+def _coverage_band(ax, n_windows: int, band: float, label: str) -> None:
+    """Shade the binomial band of a calibrated coverage curve over ``n_windows`` windows."""
+    grid = np.linspace(0.0, 1.0, 201)
+    lo, hi = binomial_band(grid, n_windows, band)
+    ax.fill_between(grid, lo, hi, color="0.85", label=label)
+
+
 def plot_coverage(results: CoverageResult | Mapping[str, CoverageResult], ax: Axes | None = None,
                   band: float = 0.95, marginal: bool = False) -> Figure:
     """Expected coverage against credibility level, with the binomial band of a calibrated posterior.
@@ -75,9 +82,7 @@ def plot_coverage(results: CoverageResult | Mapping[str, CoverageResult], ax: Ax
     fig, (ax,) = _axes(ax)
     first = next(iter(named.values()))
     if band > 0:
-        grid = np.linspace(0.0, 1.0, 201)
-        lo, hi = binomial_band(grid, first.n_windows, band)
-        ax.fill_between(grid, lo, hi, color="0.85", label=f"{band:.0%} band, {first.n_windows} windows")
+        _coverage_band(ax, first.n_windows, band, f"{band:.0%} band, {first.n_windows} windows")
     _diagonal(ax, "credibility level", "expected coverage")
     for name, r in named.items():
         label = f"{name + ' ' if name else ''}({r.method}, ECE {r.ece:.3f})"
@@ -151,9 +156,7 @@ def plot_tarp(result: TARPResult | Mapping[str, TARPResult], ax: Axes | None = N
     fig, (ax,) = _axes(ax)
     first = next(iter(named.values()))
     if band > 0:
-        grid = np.linspace(0.0, 1.0, 201)
-        lo, hi = binomial_band(grid, first.n_windows, band)
-        ax.fill_between(grid, lo, hi, color="0.85", label=f"{band:.0%} band")
+        _coverage_band(ax, first.n_windows, band, f"{band:.0%} band")
     _diagonal(ax, "credibility level", "TARP expected coverage")
     for name, r in named.items():
         ax.plot(r.alpha.numpy(), r.ecp.numpy(), label=f"{name + ' ' if name else ''}(ATC {r.atc:+.3f})")
