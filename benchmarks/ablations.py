@@ -1,0 +1,167 @@
+r"""Ablations: time embedding, mask channel, window length and simulation budget, each a small table.
+
+Every row trains an estimator (hyperparameters from ``configs/estimators/<kind>.yaml``, a fixed number of steps,
+:data:`BUDGETS`) and scores it with :func:`sbida.diagnostics.evaluate` on test windows: RMSE, nRMSE, CRPS,
+spread/skill and ECE (mean |coverage - level|).
+
+- **Time embedding** (``lorenz96``, K=40; the transient makes :math:`t` informative): *off* sets the time of every
+  window to 0 in the training, validation and test sets, so the window encoder's embedding of :math:`t` is a
+  constant and carries no information (the networks are not edited).
+- **Mask channel** (``lorenz96-sparse``, 75 % of values missing; on ``lorenz96`` every station is observed, so the
+  mask is constant there): *off* gives the estimator a mask of ones, with the missing values at 0, so a missing
+  value cannot be told from an observed 0.
+- **Window length** (``lorenz96``): 1, 5, 10, 25 observation times ending at the target.
+- **Simulation budget** (``lorenz96``): 10^3, 10^4, 10^5 training windows (whole trajectories drawn from a larger
+  training set), the same steps for all, on the same test windows.
+
+    python benchmarks/ablations.py [--quick | --smoke] [--estimators npe ...] [--only time mask window budget]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sbida
+from sbida.data import WindowDataset
+from sbida.diagnostics import evaluate
+from sbida.runs import EstimatorSpec, RunConfig, _estimator_settings
+
+__all__ = ["without_time", "without_mask", "train_and_score", "BUDGETS"]
+
+BUDGETS = {  # data (trajectories x saved states), fit overrides, evaluation
+    "full": {"data": (512, 512), "fit": {"epochs": 20, "steps_per_epoch": 500}, "windows": 1000, "samples": 500,
+             "budgets": [1000, 10000, 100000]},
+    "quick": {"data": (48, 256), "fit": {"epochs": 2, "steps_per_epoch": 100, "max_time": 60.0}, "windows": 200,
+              "samples": 100, "budgets": [1000, 10000, 100000]},
+    "smoke": {"data": (12, 48), "fit": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 16, "val_windows": 32},
+              "windows": 12, "samples": 32, "budgets": [100, 200]},
+}
+
+
+def without_time(data: WindowDataset) -> WindowDataset:
+    """The same windows with every time set to 0 (the time embedding then carries no information)."""
+    return WindowDataset(data.states, data.y, data.mask, torch.zeros_like(data.times), data.window, data.stride,
+                         data.trajectory_ids, data.config, data.meta)
+
+
+def without_mask(data: WindowDataset) -> WindowDataset:
+    """The same windows with a mask of ones and missing values at 0 (the mask channel then carries nothing)."""
+    y = torch.where(data.mask, data.y, torch.zeros((), dtype=data.y.dtype))
+    return WindowDataset(data.states, y, torch.ones_like(data.mask), data.times, data.window, data.stride,
+                         data.trajectory_ids, data.config, data.meta)
+
+
+def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDataset, test: WindowDataset,
+                    fit: dict, n_windows: int, n_samples: int, seed: int = 0) -> dict:
+    """Train one estimator on ``train`` and score it on the first ``n_windows`` windows of ``test``.
+
+    Returns:
+        ``{"rmse", "nrmse", "crps", "spread_skill", "ece", "train_windows", "seconds"}``.
+    """
+    hp = {"rollout": min(task.window.length, 25)} if estimator == "coda" else {}
+    cfg = RunConfig(task=task.name, estimators={estimator: EstimatorSpec(kind=estimator, estimator=hp, fit=fit)},
+                    seed=seed)
+    cls, hp, fit_args = _estimator_settings(cfg, estimator)
+    est = cls(task, **hp)
+    t0 = time.perf_counter()
+    est.fit(train, val, progress=False, **fit_args)
+    seconds = time.perf_counter() - t0
+    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n_windows].sort().values
+    r = evaluate(est, test, n_samples=n_samples, indices=idx, progress=False, seed=seed)
+    return {"rmse": r.rmse, "nrmse": r.nrmse, "crps": r.crps, "spread_skill": r.spread_skill, "ece": r.coverage.ece,
+            "train_windows": len(train), "seconds": seconds}
+
+
+def _table(title: str, rows: list[dict]) -> str:
+    lines = [title, f"  {'setting':18s} {'estimator':10s} {'windows':>8s} {'RMSE':>7s} {'nRMSE':>7s} {'CRPS':>7s} "
+                    f"{'spr/skl':>8s} {'ECE':>6s} {'train s':>8s}"]
+    for r in rows:
+        lines.append(f"  {r['setting']:18s} {r['estimator']:10s} {r['train_windows']:>8d} {r['rmse']:>7.3f} "
+                     f"{r['nrmse']:>7.3f} {r['crps']:>7.3f} {r['spread_skill']:>8.2f} {r['ece']:>6.3f} "
+                     f"{r['seconds']:>8.1f}")
+    return "\n".join(lines)
+
+
+def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int | None = None) -> dict:
+    """All the ablations of ``only`` for each estimator; returns ``{ablation: rows}`` and prints the tables."""
+    b = BUDGETS[mode]
+    n_traj, n_states = b["data"]
+    fit = {**b["fit"], "patience": 1000, "seed": seed}
+    kw = {"n_windows": b["windows"], "n_samples": b["samples"], "seed": seed}
+    size = {} if K is None else {"K": K}
+    out: dict[str, list[dict]] = {}
+
+    def task_data(name: str, **over):
+        task = sbida.tasks.get(name, **size, **over, n_trajectories=n_traj, n_states=n_states, seed=seed)
+        return task, task.simulate(progress=False).split(0.8, 0.1, 0.1, seed=seed)
+
+    def record(key: str, setting: str, est: str, res: dict) -> None:
+        out.setdefault(key, []).append({"setting": setting, "estimator": est, **res})
+        print(f"  {key}: {setting} {est}: nRMSE {res['nrmse']:.3f} ECE {res['ece']:.3f} ({res['seconds']:.0f} s)",
+              flush=True)
+
+    if "time" in only:
+        task, (tr, va, te) = task_data("lorenz96")
+        for est in estimators:
+            record("time", "t embedded", est, train_and_score(task, est, tr, va, te, fit, **kw))
+            record("time", "t set to 0", est, train_and_score(task, est, without_time(tr), without_time(va),
+                                                               without_time(te), fit, **kw))
+    if "mask" in only:
+        task, (tr, va, te) = task_data("lorenz96-sparse")
+        for est in estimators:
+            record("mask", "mask channel", est, train_and_score(task, est, tr, va, te, fit, **kw))
+            record("mask", "mask of ones", est, train_and_score(task, est, without_mask(tr), without_mask(va),
+                                                                 without_mask(te), fit, **kw))
+    if "window" in only:
+        for length in (1, 5, 10, 25):
+            task, (tr, va, te) = task_data("lorenz96", length=length)
+            for est in estimators:
+                record("window", f"window {length}", est, train_and_score(task, est, tr, va, te, fit, **kw))
+    if "budget" in only:
+        budgets = b["budgets"]
+        task = sbida.tasks.get("lorenz96", **size, n_states=n_states, seed=seed)
+        per_traj = n_states - task.window.length + 1
+        need = -(-max(budgets) // per_traj)
+        data = task.simulate(progress=False, n_trajectories=need + max(4, need // 8) * 2)
+        n = data.n_trajectories
+        half = need + (n - need) // 2  # trajectories after the training pool: validation, then test
+        va, te = data.subset(torch.arange(need, half)), data.subset(torch.arange(half, n))
+        for budget in budgets:
+            tr = data.subset(torch.arange(-(-budget // per_traj)))
+            for est in estimators:
+                record("budget", f"{budget:g} windows", est, train_and_score(task, est, tr, va, te, fit, **kw))
+    for key, rows in out.items():
+        print(_table({"time": "time embedding (lorenz96)", "mask": "mask channel (lorenz96-sparse)",
+                      "window": "window length (lorenz96)", "budget": "simulation budget (lorenz96)"}[key], rows))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true")
+    g.add_argument("--smoke", action="store_true", help="tiny budgets (seconds; meaningless numbers)")
+    p.add_argument("--estimators", nargs="*", default=["npe"])
+    p.add_argument("--only", nargs="*", default=["time", "mask", "window", "budget"])
+    p.add_argument("--K", type=int, default=None, help="Lorenz-96 size (default the task's, 40)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    mode = "smoke" if a.smoke else "quick" if a.quick else "full"
+    t0 = time.perf_counter()
+    res = run(mode, a.estimators, a.only, a.seed, a.K)
+    print(f"{mode}: {time.perf_counter() - t0:.0f} s")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"mode": mode, "estimators": a.estimators, "results": res}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+r"""The benchmark of BENCHMARKS.md on one task: every estimator and every applicable baseline on the same test windows.
+
+For a task, the estimators (hyperparameters and fit budgets from ``configs/estimators/<kind>.yaml``, budgets capped
+under ``--quick``/``--smoke``) are trained and the baselines fitted through :class:`sbida.runs.Run`; each method is
+scored by :func:`sbida.diagnostics.evaluate` on the same test windows (RMSE, nRMSE = RMSE / climatological std,
+CRPS, energy score, spread/skill, ECE = mean |coverage - level| and its largest gap, SBC p-value, TARP expected
+coverage, C2ST ROC-AUC against a reference posterior where one exists), timed, and the table is printed; the
+metrics go to ``metrics.json`` and ``benchmark.json`` and the HTML report to ``report.html`` in ``--out``.
+
+Timings (wall clock, the same run): training seconds; seconds for 1000 samples of one window (posterior built and
+sampled); seconds for 1000 windows, ``1000 x`` the evaluation's time per window (posterior and ``n_samples`` samples
+each); and ratios to 4D-Var: its time per window over the method's (speed-up) and the method's RMSE over 4D-Var's.
+
+References for C2ST: the exact Kalman posterior on ``linear-gaussian``; the MALA reference of
+``benchmarks/reference.py`` (cached in ``--reference-cache``) on ``lorenz96`` with K=8.
+
+A method that a task does not allow (CODA without a differentiable simulator of the observed state, a baseline
+whose class refuses the task) is skipped with the reason its class gives.
+
+    python benchmarks/run.py TASK [--quick | --smoke] [--out DIR] [--estimators npe score ...]
+                             [--baselines oi enks fourdvar] [--seed 0] [--threads N] [key=value task overrides]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import sbida
+from sbida import baselines as bl
+from sbida.runs import (
+    BaselineSpec,
+    EstimatorSpec,
+    EvaluationConfig,
+    Run,
+    RunConfig,
+    _estimator_settings,
+    estimator_class,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+__all__ = ["ESTIMATORS", "BASELINES", "benchmark_config", "run_benchmark", "format_table"]
+
+ESTIMATORS = ["npe", "nre", "score", "composed", "coda"]
+BASELINES = ["oi", "enks", "fourdvar"]
+
+# budgets: the fit arguments that replace those of configs/estimators/*.yaml, and the data and evaluation sizes
+FIT_QUICK = {"epochs": 4, "max_time": 75.0, "val_windows": 1024, "patience": 1000}
+FIT_SMOKE = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 16, "val_windows": 32, "max_time": 30.0,
+             "patience": 1000}
+CODA_QUICK = {"epochs": 1, "steps_per_epoch": 300, "batch_size": 16}
+DATA = {"quick": {"lorenz96": {"n_trajectories": 128, "n_states": 256},
+                  "linear-gaussian": {"n_trajectories": 512, "n_states": 64}},
+        "smoke": {"n_trajectories": 10, "n_states": 40}}
+EVALUATION = {"full": {"n_samples": 1000, "max_windows": 1000, "c2st_windows": 10},
+              "quick": {"n_samples": 100, "max_windows": 200, "c2st_windows": 5},
+              "smoke": {"n_samples": 32, "max_windows": 12, "c2st_windows": 1, "batch_size": 12, "examples": 1,
+                        "example_samples": 32}}
+REFERENCE = {"full": {"chains": 32, "steps": 8000, "warmup": 4000, "thin": 8, "prior_trajectories": 4096},
+             "quick": {"chains": 16, "steps": 2000, "warmup": 1000, "thin": 4, "prior_trajectories": 2048},
+             "smoke": {"chains": 4, "steps": 40, "warmup": 20, "thin": 2, "prior_trajectories": 256}}
+RHAT_MAX = 1.05  # a reference whose chains disagree more than this is flagged
+BASELINE_QUICK = {"enks": {"members": 100}, "fourdvar": {"max_iter": 50}}
+BASELINE_SMOKE = {"enks": {"members": 20}, "fourdvar": {"max_iter": 10}}
+
+
+def _applicable(task, estimators: list[str], baselines: list[str]) -> tuple[list[str], list[str], dict[str, str]]:
+    """The estimators and baselines whose classes accept the task, and the reasons of those that do not."""
+    skipped: dict[str, str] = {}
+    est_ok, base_ok = [], []
+    for name in estimators:
+        try:
+            estimator_class(name)(task)
+            est_ok.append(name)
+        except ValueError as e:
+            skipped[name] = str(e)
+    for name in baselines:
+        try:
+            bl.get(name, task)
+            base_ok.append(name)
+        except ValueError as e:
+            skipped[name] = str(e)
+    return est_ok, base_ok, skipped
+
+
+def benchmark_config(task: str, mode: str = "full", estimators: list[str] | None = None,
+                     baselines: list[str] | None = None, seed: int = 0, task_overrides: dict | None = None,
+                     out: str | Path | None = None) -> tuple[RunConfig, dict[str, str]]:
+    """The run configuration of a benchmark, and the methods left out with the reason.
+
+    Args:
+        task: a task name (``configs/tasks``).
+        mode: ``"full"`` (the budgets of the configuration files), ``"quick"`` or ``"smoke"`` (seconds, for tests).
+        estimators: estimator names (default :data:`ESTIMATORS`).
+        baselines: baseline names (default :data:`BASELINES`).
+        seed: the run's seed.
+        task_overrides: nested task overrides, e.g. ``{"simulator": {"K": 8}}``.
+        out: the run folder.
+
+    Returns:
+        A :class:`~sbida.runs.RunConfig` and ``{name: reason}`` of the skipped methods.
+    """
+    if mode not in ("full", "quick", "smoke"):
+        raise ValueError(f"mode must be 'full', 'quick' or 'smoke', got {mode!r}")
+    estimators = list(ESTIMATORS if estimators is None else estimators)
+    baselines = list(BASELINES if baselines is None else baselines)
+    over = json.loads(json.dumps(task_overrides or {}))
+    data = over.setdefault("data", {})
+    if mode == "smoke":
+        data.update({k: v for k, v in DATA["smoke"].items() if k not in data})
+    elif mode == "quick":
+        data.update({k: v for k, v in DATA["quick"].get(task, DATA["quick"]["lorenz96"]).items() if k not in data})
+    dotlist = [f"{sec}.{k}={json.dumps(v)}" for sec, d in over.items() for k, v in d.items()]
+    t = sbida.tasks.get(task, *dotlist)
+    est_ok, base_ok, skipped = _applicable(t, estimators, baselines)
+    specs = {}
+    for name in est_ok:
+        fit = {}
+        if mode != "full":
+            fit = dict(FIT_SMOKE if mode == "smoke" else FIT_QUICK)
+            if name == "coda" and mode == "quick":
+                fit.update(CODA_QUICK)
+        hp = {}
+        if name == "coda":  # the rollout may not exceed the window
+            hp["rollout"] = min(int(_default(name, "rollout", 25)), t.window.length)
+        specs[name] = EstimatorSpec(kind=name, estimator=hp, fit=fit)
+    base_over = {"quick": BASELINE_QUICK, "smoke": BASELINE_SMOKE}.get(mode, {})
+    bspecs = {name: BaselineSpec(kind=name, options=dict(base_over.get(name, {})), tune=name == "enks")
+              for name in base_ok}
+    ev = EvaluationConfig(**EVALUATION[mode])
+    if task == "kolmogorov" and mode == "full":
+        ev.max_windows = 256
+    cfg = RunConfig(name=f"benchmark-{task}-{mode}", description=f"benchmarks/run.py {task} ({mode})", task=task,
+                    task_overrides=over, seed=seed, out=str(out) if out else None, estimators=specs,
+                    baselines=bspecs, evaluation=ev)
+    for label in specs:
+        _estimator_settings(cfg, label)  # unknown keys fail here, before any work
+    return cfg, skipped
+
+
+def _default(kind: str, key: str, fallback: Any) -> Any:
+    return estimator_class(kind).defaults.get(key, fallback)
+
+
+def reference_for(task, test, cache: str | Path | None, mode: str = "full", progress: bool = False):
+    """A reference posterior function ``(y, mask, t) -> Posterior`` for C2ST, or ``None`` (with its label).
+
+    The exact Kalman posterior on the linear-Gaussian task; the cached MALA reference on ``lorenz96`` with K=8 (its
+    budget from :data:`REFERENCE` by ``mode``).
+    """
+    from sbida.posterior import GaussianPosterior
+
+    sim = task.simulator
+    if hasattr(sim, "exact_posterior"):
+        offsets, every = test.window.offsets(), int(test.meta.get("every", task.config.data.save_every))
+
+        def exact(y, mask, t):
+            mean, cov = sim.exact_posterior(y, mask, t, task.observation, offsets, every)
+            return GaussianPosterior(mean.to(y.dtype), cov=cov.to(y.dtype))
+
+        return exact, "exact (Kalman)"
+    if task.config.simulator.get("name") == "lorenz96" and int(getattr(sim, "K", 0)) == 8:
+        from reference import MCMCReference
+
+        budget = dict(REFERENCE[mode])
+        n_prior = budget.pop("prior_trajectories")
+        ref = MCMCReference.for_task(task, cache=cache, progress=progress, **budget)
+        if ref.prior is None:
+            ref.fit_prior(task, n_trajectories=n_prior)
+        return ref, "MALA over the window's initial state (benchmarks/reference.py)"
+    return None, None
+
+
+def _time_one_window(method, test, index: int, n: int = 1000, seed: int = 0) -> float:
+    """Seconds to build the posterior of one window and draw ``n`` samples (after a warm-up call)."""
+    _, y, m, t = test.get(torch.tensor([index]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        method.posterior(y, m, t).sample(2, generator=g)  # warm-up (first-call overheads)
+        start = time.perf_counter()
+        post = method.posterior(y, m, t)
+        post.sample(n, generator=g)
+    return time.perf_counter() - start
+
+
+def run_benchmark(task: str, out: str | Path, mode: str = "full", estimators: list[str] | None = None,
+                  baselines: list[str] | None = None, seed: int = 0, task_overrides: dict | None = None,
+                  reference_cache: str | Path | None = None, progress: bool = True, echo: bool = True,
+                  report: bool = True) -> dict:
+    """Train, fit, evaluate and time every method on the same test windows; write JSON and the HTML report.
+
+    Args:
+        task: a task name.
+        out: the run folder (dataset, checkpoints, ``metrics.json``, ``benchmark.json``, ``report.html``).
+        mode: ``"full"``, ``"quick"`` or ``"smoke"`` (see :func:`benchmark_config`).
+        estimators, baselines: the methods (default all; those the task does not allow are skipped).
+        seed: the seed of simulation, training and evaluation.
+        task_overrides: nested task overrides, e.g. ``{"simulator": {"K": 8}}``.
+        reference_cache: folder of the cached MCMC references (default ``<out>/reference-cache``).
+        progress: progress bars; echo: print the log.
+        report: write the HTML report.
+
+    Returns:
+        The benchmark record: ``rows`` (one per method: the table's values), ``skipped``, ``reference`` and the
+        machine; also written to ``<out>/benchmark.json``.
+    """
+    from sbida.diagnostics import evaluate
+    from sbida.report.html import draw_examples
+
+    cfg, skipped = benchmark_config(task, mode, estimators, baselines, seed, task_overrides, out)
+    if not cfg.estimators and not cfg.baselines:
+        raise ValueError(f"no method applies to task {task!r}: {skipped}")
+    run = Run(cfg, out=out, progress=progress, echo=echo)
+    for name, why in skipped.items():
+        run.log(f"{name}: skipped ({why})")
+    wall = time.perf_counter()
+    methods, seconds = run.methods()
+    _, _, test = run.splits()
+    ev = cfg.evaluation
+    N = len(test)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.arange(N) if N <= ev.max_windows else torch.randperm(N, generator=g)[:ev.max_windows].sort().values
+    ref, ref_label = reference_for(run.task, test, reference_cache or Path(out) / "reference-cache", mode,
+                                   progress)
+    results, one_window = {}, {}
+    for label, method in methods.items():
+        run.log(f"{label}: evaluating on {len(idx)} test windows x {ev.n_samples} samples")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            results[label] = evaluate(method, test, n_samples=ev.n_samples, batch_size=ev.batch_size, reference=ref,
+                                      seed=seed, progress=progress, coverage=ev.coverage, indices=idx,
+                                      c2st_windows=ev.c2st_windows, name=label)
+        one_window[label] = _time_one_window(method, test, int(idx[0]), seed=seed)
+        run.log(f"  {results[label]}")
+    kinds = {lb: "estimator" for lb in cfg.estimators} | {lb: "baseline" for lb in cfg.baselines}
+    metrics = {"run": cfg.name, "task": run.task.name, "seed": seed, "dataset": "data.json", "n_windows": len(idx),
+               "reference": ref_label,
+               "methods": {lb: {"type": kinds[lb], "training_seconds": seconds.get(lb), **r.to_dict()}
+                           for lb, r in results.items()}}
+    run.path("metrics.json").write_text(json.dumps(metrics, indent=1))
+    if ev.examples > 0:
+        ex_idx = idx[:ev.examples]
+        samples = draw_examples(methods, test, ex_idx, n_samples=ev.example_samples, seed=seed)
+        torch.save({"indices": ex_idx, "samples": samples}, run.path("examples.pt"))
+    rows = _rows(results, seconds, one_window, kinds)
+    diagnostics = list(getattr(ref, "diagnostics", []))
+    if any(d["rhat"] >= RHAT_MAX for d in diagnostics):
+        run.log(f"warning: the MCMC reference has not converged on every window (R-hat "
+                f"{[round(d['rhat'], 3) for d in diagnostics]}); its C2ST figures are not trustworthy")
+    record = {"task": task, "mode": mode, "seed": seed, "task_config": run.task.to_dict(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(),
+              "processor": platform.processor(), "threads": torch.get_num_threads(),
+              "train_windows": len(run.splits()[0]), "test_windows": len(idx), "n_samples": ev.n_samples,
+              "reference": ref_label, "reference_diagnostics": diagnostics,
+              "reference_converged": all(d["rhat"] < RHAT_MAX for d in diagnostics),
+              "skipped": skipped, "rows": rows, "wall_seconds": time.perf_counter() - wall}
+    run.path("benchmark.json").write_text(json.dumps(record, indent=1))
+    if report:
+        run.report()
+    return record
+
+
+def _rows(results: dict, seconds: dict, one_window: dict, kinds: dict) -> list[dict]:
+    ref = results.get("fourdvar")
+    ref_pw = ref.timings["posterior_and_sampling_per_window"] if ref else None
+    rows = []
+    for label, r in results.items():
+        pw = r.timings["posterior_and_sampling_per_window"]
+        rows.append({"method": label, "type": kinds[label], **r.metrics(), "coverage_method": r.coverage.method,
+                     "training_seconds": seconds.get(label), "seconds_1000_samples_1_window": one_window[label],
+                     "seconds_1000_windows": 1000 * pw, "seconds_per_window": pw,
+                     "speedup_vs_4dvar": ref_pw / pw if ref_pw and pw > 0 else None,
+                     "rmse_ratio_vs_4dvar": r.rmse / ref.rmse if ref and ref.rmse > 0 else None})
+    return rows
+
+
+def _fmt(v: Any, f: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f.format(v)
+
+
+COLUMNS = [("rmse", "RMSE", "{:.4g}"), ("nrmse", "nRMSE", "{:.4g}"), ("crps", "CRPS", "{:.4g}"),
+           ("energy", "energy", "{:.4g}"), ("spread_skill", "spr/skl", "{:.3g}"), ("coverage_ece", "ECE", "{:.3f}"),
+           ("coverage_max_gap", "maxgap", "{:.3f}"), ("coverage_method", "cov", "{}"),
+           ("sbc_p_value", "SBC p", "{:.2g}"), ("tarp_atc", "TARP", "{:+.3f}"), ("c2st_auc", "C2ST", "{:.3f}"),
+           ("training_seconds", "train s", "{:.1f}"), ("seconds_1000_samples_1_window", "1x1000 s", "{:.3f}"),
+           ("seconds_1000_windows", "1000w s", "{:.2f}"), ("seconds_per_window", "ms/win", "{:.2f}"),
+           ("speedup_vs_4dvar", "x4DVar", "{:.3g}"), ("rmse_ratio_vs_4dvar", "RMSE/4DV", "{:.3g}")]
+
+
+def format_table(rows: list[dict]) -> str:
+    """The benchmark table as text (one line per method; ``-`` where a value does not exist)."""
+    lines = [f"{'method':10s}" + "".join(f"{h:>10s}" for _, h, _ in COLUMNS)]
+    for r in rows:
+        vals = []
+        for k, _, f in COLUMNS:
+            v = r.get(k)
+            if k == "seconds_per_window" and v is not None:
+                v = 1e3 * v
+            vals.append(_fmt(v, f))
+        lines.append(f"{r['method']:10s}" + "".join(f"{v:>10s}" for v in vals))
+    return "\n".join(lines)
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    over: dict[str, dict] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"task overrides are section.key=value (e.g. simulator.K=8), got {item!r}")
+        key, value = item.split("=", 1)
+        sec, k = key.split(".", 1)
+        try:
+            over.setdefault(sec, {})[k] = json.loads(value)
+        except json.JSONDecodeError:
+            over.setdefault(sec, {})[k] = value
+    return over
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("task", help=f"a task: {', '.join(sbida.tasks.available())}")
+    p.add_argument("overrides", nargs="*", help="task overrides section.key=value, e.g. simulator.K=8")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="small budgets (<= 15 min on 2 idle cores)")
+    g.add_argument("--smoke", action="store_true", help="tiny budgets (seconds; meaningless numbers, for testing)")
+    p.add_argument("--out", default=None, help="run folder (default runs/benchmark-TASK-MODE)")
+    p.add_argument("--estimators", nargs="*", default=None, help=f"default: {' '.join(ESTIMATORS)}")
+    p.add_argument("--baselines", nargs="*", default=None, help=f"default: {' '.join(BASELINES)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference-cache", default=None, help="cache of the MCMC references (default OUT/reference-cache)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-report", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    mode = "smoke" if a.smoke else "quick" if a.quick else "full"
+    out = a.out or f"runs/benchmark-{a.task}-{mode}"
+    record = run_benchmark(a.task, out, mode, a.estimators, a.baselines, a.seed, _parse_overrides(a.overrides),
+                           a.reference_cache, progress=not a.quiet, echo=not a.quiet, report=not a.no_report)
+    print(f"\n{a.task} ({mode}): {record['train_windows']} training windows, {record['test_windows']} test windows x "
+          f"{record['n_samples']} samples; C2ST reference: {record['reference'] or 'none'}")
+    print(format_table(record["rows"]))
+    if not record["reference_converged"]:
+        rh = [round(d["rhat"], 2) for d in record["reference_diagnostics"]]
+        print(f"warning: the MCMC reference did not converge on every window (R-hat {rh}): C2ST is not trustworthy")
+    for name, why in record["skipped"].items():
+        print(f"skipped {name}: {why}")
+    print(f"wall time {record['wall_seconds']:.0f} s; written to {out}/benchmark.json, metrics.json, report.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The benchmark suite: a tiny run of benchmarks/run.py, the MCMC reference against an exact posterior, the
+exponent fit of the scaling study and the ablation transforms."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sbida
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import ablations  # noqa: E402
+import reference  # noqa: E402
+import run as bench  # noqa: E402
+import scaling  # noqa: E402
+
+
+# -- run.py ------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smoke_run_on_linear_gaussian(tmp_path):
+    rec = bench.run_benchmark("linear-gaussian", tmp_path, "smoke", estimators=["npe"], baselines=["oi", "fourdvar"],
+                              task_overrides={"simulator": {"K": 8}}, progress=False, echo=False)
+    rows = {r["method"]: r for r in rec["rows"]}
+    assert set(rows) == {"npe", "oi", "fourdvar"}
+    assert rec["reference"].startswith("exact")
+    for r in rows.values():
+        assert math.isfinite(r["rmse"]) and r["rmse"] > 0 and math.isfinite(r["nrmse"]) and r["nrmse"] > 0
+        assert 0 <= r["coverage_ece"] <= r["coverage_max_gap"] <= 1
+        assert r["c2st_auc"] is not None and 0 <= r["c2st_auc"] <= 1  # against the exact posterior
+        assert r["seconds_1000_samples_1_window"] > 0 and r["seconds_per_window"] > 0
+        assert r["seconds_1000_windows"] == pytest.approx(1000 * r["seconds_per_window"])
+        assert r["speedup_vs_4dvar"] == pytest.approx(rows["fourdvar"]["seconds_per_window"] / r["seconds_per_window"])
+        assert r["rmse_ratio_vs_4dvar"] == pytest.approx(r["rmse"] / rows["fourdvar"]["rmse"])
+    assert rows["npe"]["training_seconds"] > 0 and rows["npe"]["type"] == "estimator"
+    assert rows["fourdvar"]["speedup_vs_4dvar"] == pytest.approx(1.0)
+    # the same figures as metrics.json (the shared evaluation), the report and the JSON record written
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["methods"]["oi"]["rmse"] == rows["oi"]["rmse"]
+    assert (tmp_path / "report.html").stat().st_size > 0
+    assert json.loads((tmp_path / "benchmark.json").read_text())["rows"] == rec["rows"]
+    table = bench.format_table(rec["rows"])
+    assert len(table.splitlines()) == 4 and "C2ST" in table and "x4DVar" in table
+
+
+def test_inapplicable_methods_are_skipped_with_the_class_reason():
+    cfg, skipped = bench.benchmark_config("kolmogorov", "smoke", estimators=["npe", "coda"], baselines=["oi"])
+    assert list(cfg.estimators) == ["npe"] and not cfg.baselines
+    assert set(skipped) == {"coda", "oi"} and "state" in skipped["oi"]
+    with pytest.raises(ValueError, match="mode"):
+        bench.benchmark_config("lorenz96", "fast")
+
+
+def test_budgets_come_from_the_estimator_configs():
+    from sbida.runs import _estimator_settings
+
+    full, _ = bench.benchmark_config("lorenz96", "full", estimators=["npe"], baselines=[])
+    quick, _ = bench.benchmark_config("lorenz96", "quick", estimators=["npe"], baselines=[])
+    cfg_file = sbida.config.load_yaml(sbida.runs.CONFIG_DIR / "estimators" / "npe.yaml")
+    _, hp, fit = _estimator_settings(full, "npe")
+    assert fit["epochs"] == cfg_file["fit"]["epochs"] and hp["transforms"] == cfg_file["estimator"]["transforms"]
+    _, hp_q, fit_q = _estimator_settings(quick, "npe")
+    assert hp_q == hp and fit_q["epochs"] == bench.FIT_QUICK["epochs"] and fit_q["lr"] == cfg_file["fit"]["lr"]
+
+
+# -- reference.py ------------------------------------------------------------------------------------------------------
+def test_mala_samples_a_correlated_gaussian():
+    torch.manual_seed(0)
+    C = torch.tensor([[1.0, 0.9], [0.9, 1.0]], dtype=torch.float64) * torch.tensor([[4.0], [0.25]]).sqrt() \
+        * torch.tensor([[4.0, 0.25]]).sqrt()
+    P = torch.linalg.inv(C)
+    mu = torch.tensor([1.0, -2.0], dtype=torch.float64)
+
+    def log_prob(v):
+        d = v - mu
+        return -0.5 * torch.einsum("cbi,ij,cbj->cb", d, P, d)
+
+    v0 = 3 * torch.randn(8, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    draws, acc = reference.mala(log_prob, v0, steps=1500, warmup=400, generator=torch.Generator().manual_seed(2))
+    s = draws.reshape(-1, 2, 2)
+    assert ((acc > 0.35) & (acc < 0.85)).all()
+    for b in range(2):
+        emp = torch.cov(s[:, b].T)
+        assert torch.allclose(s[:, b].mean(0), mu, atol=0.15)
+        assert torch.allclose(emp, C, rtol=0.15, atol=0.03)
+    conv = reference.convergence(draws)
+    assert conv["rhat"] < 1.05 and conv["ess"] > 300
+
+
+def test_convergence_flags_chains_that_disagree():
+    g = torch.Generator().manual_seed(0)
+    draws = torch.randn(200, 4, 1, 3, generator=g, dtype=torch.float64)
+    draws[:, :2] += 5.0  # two chains in another mode
+    assert reference.convergence(draws)["rhat"] > 1.5
+
+
+@pytest.mark.slow
+def test_mcmc_reference_matches_the_exact_linear_gaussian_posterior(tmp_path):
+    task = sbida.tasks.get("linear-gaussian", K=8, n_trajectories=6, n_states=16)
+    data = task.simulate(progress=False)
+    x, y, m, t = data.get(torch.tensor([0, 4, 13]))
+    ref = reference.MCMCReference.for_task(task, chains=8, steps=800, warmup=300, thin=2, cache=tmp_path)
+    assert ref.prior is not None  # the exact Gaussian prior of the linear task
+    post = ref.posterior(y, m, t)
+    mean, cov = task.simulator.exact_posterior(y, m, t, task.observation, data.window.offsets(), data.meta["every"])
+    s = post.members.double()
+    sd = cov.diagonal(dim1=-2, dim2=-1).sqrt()
+    n_eff = min(d["ess"] for d in ref.diagnostics)
+    assert all(d["rhat"] < 1.05 for d in ref.diagnostics)
+    assert ((s.mean(0) - mean).abs() / sd).max() < 5 / math.sqrt(n_eff) + 0.02
+    assert ((s.std(0) / sd) - 1).abs().max() < 0.12
+    # a different posterior (the prior alone) would be far: the test can fail
+    assert ((mean - 0).abs() / sd).max() > 1
+    # cached: a second call reads the same samples from disk without sampling
+    files = list(tmp_path.glob("*.pt"))
+    assert len(files) == 3
+    again = reference.MCMCReference.for_task(task, chains=8, steps=800, warmup=300, thin=2, cache=tmp_path)
+    again.sample_windows = None  # would fail if called
+    assert torch.equal(again.posterior(y, m, t).members, post.members.float())
+    again.posterior(y[:1], m[:1], t[:1])
+    assert [d["rhat"] for d in again.diagnostics] == [d["rhat"] for d in ref.diagnostics]  # one entry per window
+
+
+def test_reference_rejects_bad_windows():
+    task = sbida.tasks.get("linear-gaussian", K=8)
+    ref = reference.MCMCReference.for_task(task, chains=2, steps=4, warmup=10, thin=1)
+    y = torch.zeros(2, 10, 8)
+    with pytest.raises(ValueError, match="empty mask"):
+        ref.posterior(y, torch.zeros_like(y, dtype=torch.bool), torch.zeros(2))
+    with pytest.raises(ValueError, match="y must be"):
+        ref.posterior(y[:, :3], torch.ones(2, 3, 8, dtype=torch.bool), torch.zeros(2))
+    with pytest.raises(ValueError, match="chains"):
+        reference.MCMCReference.for_task(task, chains=1)
+
+
+# -- scaling.py --------------------------------------------------------------------------------------------------------
+def test_fit_exponent_recovers_a_power_law():
+    D = torch.tensor([8, 16, 32, 64, 128, 256.0])
+    noise = torch.exp(0.05 * torch.randn(6, generator=torch.Generator().manual_seed(0)))
+    a, c = scaling.fit_exponent(D, 3e-4 * D**1.5 * noise)
+    assert a == pytest.approx(1.5, abs=0.06) and c == pytest.approx(3e-4, rel=0.3)
+    assert scaling.fit_exponent([10, 100], [2.0, 2.0])[0] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="positive"):
+        scaling.fit_exponent([8, 16], [1.0, float("nan")])
+    with pytest.raises(ValueError, match="distinct"):
+        scaling.fit_exponent([8, 8], [1.0, 2.0])
+    with pytest.raises(ValueError, match="as many"):
+        scaling.fit_exponent([8, 16, 32], [1.0, 2.0])
+
+
+def test_summary_reports_where_an_estimator_stopped():
+    rows = [{"task": "lorenz96", "size": k, "D": k, "estimator": "npe", "step_seconds": 0.01 * k, "sample_seconds": 1,
+             "peak_mb": 100 + k, "extra_mb": k, "nrmse": 0.5, "ece": 0.1} for k in (8, 16, 32)]
+    rows.append({"task": "lorenz96", "size": 64, "estimator": "npe", "error": "timeout after 10 s"})
+    text, exps = scaling.summarize(rows)
+    assert exps["npe"]["step_seconds"] == pytest.approx(1.0) and exps["npe"]["extra_mb"] == pytest.approx(1.0)
+    assert "stopped at lorenz96 size 64 (timeout" in text
+
+
+# -- ablations.py ------------------------------------------------------------------------------------------------------
+def test_ablation_transforms_remove_time_and_mask():
+    task = sbida.tasks.get("lorenz96-sparse", K=8, n_trajectories=2, n_states=40)
+    data = task.simulate(progress=False)
+    x, y, m, t = data.get(torch.arange(5))
+    x0, y0, m0, t0 = ablations.without_time(data).get(torch.arange(5))
+    assert torch.equal(x0, x) and torch.equal(y0, y) and torch.equal(m0, m) and (t0 == 0).all() and (t > 0).all()
+    x1, y1, m1, t1 = ablations.without_mask(data).get(torch.arange(5))
+    assert m1.all() and (~m).any() and torch.equal(t1, t)
+    assert torch.equal(y1[m], y[m]) and (y1[~m] == 0).all()
