@@ -5,13 +5,16 @@ diffused standardized state ``x_s`` with ``h`` as extra input channels, modulate
 ``s``, of ``t`` and of ``c``, and predicts the noise. It is trained by conditional denoising score matching on the VP
 cosine schedule of :mod:`sbida.estimators.sde`,
 
-.. math:: \mathcal{L} = \mathbb{E}_{(x, y, t),\, s \sim U(0,1),\, \varepsilon}
+.. math:: \mathcal{L} = \mathbb{E}_{(x, y, t),\, s = u^\rho,\, u \sim U(0,1),\, \varepsilon}
           \big\| \hat\varepsilon(\mu_s \tilde x + \sigma_s \varepsilon, s \mid y, t) - \varepsilon \big\|^2,
           \qquad \nabla_{x_s} \log p_s(x_s \mid y, t) \approx -\hat\varepsilon / \sigma_s,
 
 and sampled by the DDIM-like predictor with Langevin corrector, batched over windows and samples, then mapped back
-to the original units, ``x = mu_x + sigma_x x~``. The posterior has samples only: no ``log_prob`` (the probability
-flow ODE would give one, at the cost of a divergence per step; it is not provided).
+to the original units, ``x = mu_x + sigma_x x~``. What depends on the window only is computed once per window, not
+once per step and sample: the encoder, the context map's share of the U-Net's (linear) input convolution and the
+share of ``t`` and ``c`` in the embedding's first (linear) layer (:meth:`ScoreNet.conditioned`). The posterior has
+samples only: no ``log_prob`` (the probability flow ODE would give one, at the cost of a divergence per step; it is
+not provided).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class ScoreNet(nn.Module):
         self.state_shape = tuple(state_shape)
         self.dim = 1 if len(self.state_shape) == 1 else 2
         self.sc = 1 if self.dim == 1 else self.state_shape[0]
+        self.emb_features = emb_features
         self.s_embedding = SinusoidalEmbedding(emb_features, min_period=2e-3, max_period=4.0)
         self.t_embedding = SinusoidalEmbedding(emb_features, min_period=0.05, max_period=20.0)
         self.mlp = nn.Sequential(nn.Linear(2 * emb_features + context_features, emb_features), nn.SiLU(),
@@ -72,13 +76,43 @@ class ScoreNet(nn.Module):
         """
         N = x.shape[0]
         v = self.unet(x.reshape(N, self.sc, *context.shape[2:]), self.embed(s, t, vec), context).reshape(x.shape)
-        shape = (N,) + (1,) * (x.dim() - 1)
+        return self._eps(x, s, v)
+
+    def conditioned(self, t: Tensor, context: Tensor, vec: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+        """The noise prediction for ``B`` fixed windows, with what depends on the windows only computed once.
+
+        The context map's share of the U-Net's input convolution and the windows' share (``t``, ``vec``) of the
+        embedding's first layer are computed here, once; the returned function adds them to the state's and the
+        diffusion time's shares, broadcast over samples. Same values as :meth:`forward` (up to rounding).
+
+        Args:
+            t: ``(B,)`` standardized times; context: ``(B, C, *grid)``; vec: ``(B, F)`` or ``None``.
+
+        Returns:
+            ``eps(x (n B, *state), s (n B,)) -> (n B, *state)``, rows ordered sample-major (row ``i B + b`` is window
+            ``b``).
+        """
+        B, E = context.shape[0], self.emb_features
+        share = self.unet.context_share(context)
+        first = self.mlp[0]
+        cond = torch.cat([self.t_embedding(t)] + ([] if vec is None else [vec]), -1)
+        cond = nn.functional.linear(cond, first.weight[:, E:], first.bias)  # (B, E)
+        w_s, rest = first.weight[:, :E], self.mlp[1:]
+
+        def eps(x: Tensor, s: Tensor) -> Tensor:
+            N = x.shape[0]
+            if N % B or s.shape != (N,):
+                raise ValueError(f"expected states (n * {B}, *state) and s (n * {B},), got {tuple(x.shape)} and "
+                                 f"{tuple(s.shape)}")
+            a = nn.functional.linear(self.s_embedding(s), w_s).unflatten(0, (N // B, B)) + cond
+            v = self.unet(x.reshape(N, self.sc, *context.shape[2:]), rest(a.flatten(0, 1)), context_share=share)
+            return self._eps(x, s, v.reshape(x.shape))
+
+        return eps
+
+    def _eps(self, x: Tensor, s: Tensor, v: Tensor) -> Tensor:
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
         return self.schedule.sigma(s).reshape(shape) * x + self.schedule.mu(s).reshape(shape) * v
-
-
-def repeat_rows(v: Tensor | None, n: int) -> Tensor | None:
-    """``(B, ...)`` -> ``(n B, ...)`` ordered sample-major (row ``i B + b`` is window ``b``)."""
-    return None if v is None else v.repeat(n, *([1] * (v.dim() - 1)))
 
 
 def chunked_sampler(draw: Callable[[int, torch.Generator | None], Tensor], B: int, rows: int
@@ -98,13 +132,14 @@ class PosteriorScore(Estimator):
     Hyperparameters (``PosteriorScore.defaults``): encoder ``channels``, ``depth``, ``kernel_size``, ``features``,
     ``emb_features``, ``aggregate``; U-Net ``unet_channels``, ``blocks``; sampler ``steps`` (predictor steps),
     ``corrections`` (Langevin steps per predictor step), ``tau`` (Langevin step scale); schedule ``sigma_min``,
-    ``mu_min``; ``sample_rows`` (samples x windows of one sampling pass, bounds memory).
+    ``mu_min``; ``loss_rho`` (training diffusion times ``s = u ** loss_rho``); ``sample_rows`` (samples x windows of
+    one sampling pass, bounds memory).
     """
 
     defaults: dict[str, Any] = {
         "channels": 32, "depth": 2, "kernel_size": 5, "features": 64, "emb_features": 32, "aggregate": "concat",
         "unet_channels": [16, 32], "blocks": 1, "steps": 16, "corrections": 1, "tau": 0.4,
-        "sigma_min": 1e-3, "mu_min": 2e-2, "sample_rows": 8192,
+        "sigma_min": 1e-3, "mu_min": 2e-2, "loss_rho": 1.0, "sample_rows": 8192,
     }
 
     def build(self) -> None:
@@ -120,7 +155,8 @@ class PosteriorScore(Estimator):
     def loss(self, batch: Batch) -> Tensor:
         """Denoising score matching loss of a standardized batch."""
         hmap, vec = self.encoder(batch.y, batch.mask, batch.t)
-        return dsm_loss(lambda xs, s: self.net(xs, s, batch.t, hmap, vec), batch.x, self.schedule)
+        return dsm_loss(lambda xs, s: self.net(xs, s, batch.t, hmap, vec), batch.x, self.schedule,
+                        rho=float(self.hparams["loss_rho"]))
 
     def make_posterior(self, batch: Batch, steps: int | None = None, corrections: int | None = None,
                        tau: float | None = None, **kwargs: Any) -> SamplerPosterior:
@@ -132,14 +168,15 @@ class PosteriorScore(Estimator):
         steps = int(h["steps"] if steps is None else steps)
         corrections = int(h["corrections"] if corrections is None else corrections)
         tau = float(h["tau"] if tau is None else tau)
-        hmap, vec = self.encoder(batch.y, batch.mask, batch.t)
+        with torch.inference_mode():  # once per window: the encoder, the context's share of the U-Net and embedding
+            hmap, vec = self.encoder(batch.y, batch.mask, batch.t)
+            eps = self.net.conditioned(batch.t, hmap, vec)
         B = hmap.shape[0]
 
         @torch.inference_mode()
         def draw(n: int, generator: torch.Generator | None) -> Tensor:
-            ctx, v, t = repeat_rows(hmap, n), repeat_rows(vec, n), repeat_rows(batch.t, n)
-            x = sample_vp(lambda xs, s: self.net(xs, s, t, ctx, v), (n * B, *self.state_shape), self.schedule,
-                          steps, corrections, tau, generator, self.dtype, self.device)
+            x = sample_vp(eps, (n * B, *self.state_shape), self.schedule, steps, corrections, tau, generator,
+                          self.dtype, self.device)
             return (x.reshape(n, B, *self.state_shape) * self.x_std + self.x_mean).clone()
 
         return SamplerPosterior(chunked_sampler(draw, B, int(h["sample_rows"])), B, self.state_shape,

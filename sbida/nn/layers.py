@@ -75,6 +75,14 @@ class PeriodicConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(circular_pad(x, self.pad, 2), self.weight, self.bias)
 
+    def partial(self, x: Tensor, start: int, bias: bool = True) -> Tensor:
+        """The share of input channels ``start : start + x.shape[1]`` in the output (with the bias if ``bias``).
+
+        The convolution is linear in its input, so the shares of a split input add up to the full output.
+        """
+        w = self.weight[:, start:start + x.shape[1]]
+        return self._conv_forward(circular_pad(x, self.pad, 2), w, self.bias if bias else None)
+
 
 class PeriodicConv1d(nn.Conv2d):
     """A periodic 1-D convolution ``(B, C, L) -> (B, C', L')`` run as a ``1 x k`` 2-D convolution.
@@ -91,6 +99,12 @@ class PeriodicConv1d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         x = circular_pad(x, self.pad, 1).unsqueeze(-2)
         return self._conv_forward(x, self.weight, self.bias).squeeze(-2)
+
+    def partial(self, x: Tensor, start: int, bias: bool = True) -> Tensor:
+        """The share of input channels ``start : start + x.shape[1]`` in the output (with the bias if ``bias``)."""
+        w = self.weight[:, start:start + x.shape[1]]
+        return self._conv_forward(circular_pad(x, self.pad, 1).unsqueeze(-2), w, self.bias if bias else None
+                                  ).squeeze(-2)
 
 
 class SinusoidalEmbedding(nn.Module):

@@ -7,6 +7,9 @@ physical time) that halve the grid on the way down and restore it on the way up,
 .. math:: h_0 = \mathrm{conv}([x, c]), \quad h_{l+1} = \mathrm{down}(\mathrm{blocks}_l(h_l)), \quad
           u_l = \mathrm{blocks}'_l([\mathrm{up}(u_{l+1}), h_l]), \quad \mathrm{out} = \mathrm{conv}(u_0).
 
+The input convolution is linear in ``[x, c]``, so it splits into the shares of ``x`` and of ``c``,
+``conv([x, c]) = conv_x(x) + conv_c(c)``: when many states are evaluated against the same context (samples of one
+posterior), ``conv_c(c)`` is computed once per context (:meth:`UNet.context_share`) and broadcast over the states.
 The output convolution starts at zero.
 """
 
@@ -44,7 +47,7 @@ class UNet(nn.Module):
         channels = list(channels)
         if not channels or blocks < 1:
             raise ValueError(f"need at least one level and one block, got channels={channels}, blocks={blocks}")
-        self.context_channels = context_channels
+        self.in_channels, self.context_channels = in_channels, context_channels
         e = emb_features or None
         self.inp = periodic_conv(dim, in_channels + context_channels, channels[0], kernel_size)
         self.down_blocks, self.downs = nn.ModuleList(), nn.ModuleList()
@@ -65,17 +68,46 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor, emb: Tensor | None = None, context: Tensor | None = None) -> Tensor:
-        """``x (B, C_in, *grid)``, ``emb (B, E)``, ``context (B, C_ctx, *grid)`` -> ``(B, C_out, *grid)``."""
+    def context_share(self, context: Tensor) -> Tensor:
+        """The context map's share of the input convolution, bias included (once per context, see ``forward``).
+
+        Args:
+            context: ``(B, C_ctx, *grid)``.
+
+        Returns:
+            ``(B, channels[0], *grid)``.
+        """
+        if not self.context_channels:
+            raise ValueError("this U-Net takes no context map")
+        if context.dim() != self.dim + 2 or context.shape[1] != self.context_channels:
+            raise ValueError(f"expected a context map (B, {self.context_channels}, *grid) with {self.dim} grid "
+                             f"dimensions, got {tuple(context.shape)}")
+        return self.inp.partial(context, self.in_channels)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None, context: Tensor | None = None,
+                context_share: Tensor | None = None) -> Tensor:
+        """``x (N, C_in, *grid)``, ``emb (N, E)``, ``context (N, C_ctx, *grid)`` -> ``(N, C_out, *grid)``.
+
+        Instead of ``context``, ``context_share (B, channels[0], *grid)`` from :meth:`context_share` of ``B``
+        contexts may be given; the rows of ``x`` are then ``N = n B`` states ordered sample-major (row ``i B + b``
+        goes with context ``b``).
+        """
         if x.dim() != self.dim + 2:
             raise ValueError(f"expected x of shape (B, C, {'L' if self.dim == 1 else 'H, W'}), got {tuple(x.shape)}")
-        if self.context_channels:
+        if context_share is not None:
+            B, N = context_share.shape[0], x.shape[0]
+            if context is not None or N % B or context_share.shape[2:] != x.shape[2:]:
+                raise ValueError(f"context_share (B, C, *grid) needs states (n B, C_in, *grid) on the same grid and "
+                                 f"no context; got {tuple(context_share.shape)} and {tuple(x.shape)}")
+            h = (self.inp.partial(x, 0, bias=False).unflatten(0, (N // B, B)) + context_share).flatten(0, 1)
+        elif self.context_channels:
             if context is None or context.shape[1] != self.context_channels or context.shape[2:] != x.shape[2:]:
                 got = None if context is None else tuple(context.shape)
                 raise ValueError(f"expected a context map (B, {self.context_channels}, *{tuple(x.shape[2:])}), "
                                  f"got {got}")
-            x = torch.cat([x, context], dim=1)
-        h = self.inp(x)
+            h = self.inp(torch.cat([x, context], dim=1))
+        else:
+            h = self.inp(x)
         skips = []
         for i, level in enumerate(self.down_blocks):
             for block in level:
