@@ -258,7 +258,13 @@ class DistributionPosterior(Posterior):
         return x.reshape(n, self.batch_size, *self.state_shape)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        return self.dist.log_prob(self._check_x(x))
+        x = self._check_x(x)
+        lead = x.shape[:-2]
+        if self.sample_batch is None or x.dim() < 3 or math.prod(lead) <= self.sample_batch:
+            return self.dist.log_prob(x)
+        flat = x.reshape(-1, *x.shape[-2:])  # samples in chunks of sample_batch rows, like sample()
+        out = [self.dist.log_prob(flat[i:i + self.sample_batch]) for i in range(0, len(flat), self.sample_batch)]
+        return torch.cat(out).reshape(*lead, self.batch_size)
 
 
 class SamplerPosterior(Posterior):

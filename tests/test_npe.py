@@ -56,24 +56,40 @@ def test_npe_matches_the_exact_linear_gaussian_posterior(lg):
         assert abs(cover - level) < 0.04, (level, float(cover))
 
 
+@pytest.fixture(scope="module")
+def independent(lg):
+    """400 windows of fresh trajectories (correlated windows of few trajectories make coverage noisy), exact
+    posterior."""
+    task = lg[0]
+    x, y, m, t = task.independent_windows(400, seed=12345)
+    mean, cov = task.simulator.exact_posterior(y, m, t, task.observation, task.window.offsets(),
+                                               every=task.config.data.save_every)
+    return x, y, m, t, mean, cov
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the flow's marginals are calibrated (marginal ECE 0.02) but its joint is mis-shaped: "
-                          "HPD ECE 0.054, C2ST AUC 0.86-0.92 after 10 epochs; longer training (900-1800 steps) "
-                          "moves the HPD ECE away (0.094, 0.110) while the marginal ECE drops to 0.002-0.006: the "
-                          "correlations that depend on the mask are not reached through the 128-value context vector",
-                   strict=False)
-def test_npe_expected_coverage_error_and_c2st(lg):
-    task, _, _, test, est, _ = lg
-    x, y, m, t, mean, cov = exact(task, test, torch.arange(0, len(test), 2))
+def test_npe_expected_coverage_error(lg, independent):
+    """Highest-density regions (ranks of log q(x) among log q of samples) cover at their level: ECE <= 0.05.
+    The exact posterior scores 0.012 on these windows; the single-scale checkerboard flow scored 0.135."""
+    _, _, _, _, est, _ = lg
+    x, y, m, t, _, _ = independent
     post = est.posterior(y, m, t)
-    # expected coverage of highest-density regions (ranks of log q(x) among log q of samples): ECE <= 0.05
     g = torch.Generator().manual_seed(0)
     res = sbida.diagnostics.expected_coverage(post, x.float(), n_samples=500, generator=g)
-    # C2ST against exact samples on a few windows: AUC <= 0.65
-    s = post.sample(500, generator=torch.Generator().manual_seed(1))[:, :4]
-    ref = torch.distributions.MultivariateNormal(mean[:4], cov[:4]).sample((500,)).float()
-    auc = sum(sbida.diagnostics.c2st(s[:, b], ref[:, b]) for b in range(4)) / 4
-    assert res.ece <= 0.05 and auc <= 0.65, (res.ece, auc, res.coverage.tolist())
+    assert res.ece <= 0.05, (res.ece, res.coverage.tolist())
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="C2ST AUC <= 0.65 needs more than the test's budget: 256 trajectories x 10 epochs reach "
+                          "AUC 0.84 (KL 2.1 nats, RMSE 1.08x exact); the task's 1024 trajectories x 10 epochs reach "
+                          "0.69 (KL 0.85 nats, RMSE 1.025x, ECE 0.032)", strict=False)
+def test_npe_c2st_against_exact_samples(lg, independent):
+    _, _, _, _, est, _ = lg
+    x, y, m, t, mean, cov = independent
+    s = est.posterior(y[:8], m[:8], t[:8]).sample(500, generator=torch.Generator().manual_seed(1))
+    ref = torch.distributions.MultivariateNormal(mean[:8], cov[:8]).sample((500,)).float()
+    auc = sum(sbida.diagnostics.c2st(s[:, b], ref[:, b]) for b in range(8)) / 8
+    assert auc <= 0.65, auc
 
 
 @pytest.mark.slow

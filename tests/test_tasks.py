@@ -80,3 +80,17 @@ def test_top_level_api():
     assert isinstance(task, sbida.Task)
     data = sbida.simulate_windows(task.simulator, task.observation, 3, n_trajectories=2, states=8, progress=False)
     assert isinstance(data, sbida.WindowDataset)
+
+
+def test_independent_windows_come_from_distinct_trajectories():
+    task = sbida.tasks.get("linear-gaussian")
+    x, y, m, t = task.independent_windows(6, seed=3)
+    assert x.shape == (6, 32) and y.shape == (6, 10, 32) and m.dtype == torch.bool and t.shape == (6,)
+    data = task.simulate(progress=False, n_trajectories=6, seed=3)
+    per = len(data) // 6
+    xs = data.get(torch.arange(len(data)))[0].reshape(6, per, 32)
+    # each window's state is one of its own trajectory's states, and no two come from the same trajectory
+    hits = [[bool((xs[j] == x[i]).all(-1).any()) for j in range(6)] for i in range(6)]
+    assert all(sum(row) == 1 for row in hits) and [row.index(True) for row in hits] == list(range(6))
+    again = task.independent_windows(6, seed=3)
+    assert torch.equal(again[0], x) and not torch.equal(task.independent_windows(6, seed=4)[0], x)
