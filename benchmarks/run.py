@@ -18,7 +18,7 @@ A method that a task does not allow (CODA without a differentiable simulator of 
 whose class refuses the task) is skipped with the reason its class gives.
 
     python benchmarks/run.py TASK [--quick | --smoke] [--out DIR] [--estimators npe score ...]
-                             [--baselines oi enks fourdvar] [--seed 0] [--threads N] [key=value task overrides]
+                             [--baselines climatology interpolation oi enks fourdvar] [--seed 0] [--threads N] [key=value task overrides]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 __all__ = ["ESTIMATORS", "BASELINES", "benchmark_config", "run_benchmark", "format_table"]
 
 ESTIMATORS = ["npe", "nre", "score", "composed", "coda"]
-BASELINES = ["oi", "enks", "fourdvar"]
+BASELINES = ["climatology", "interpolation", "oi", "enks", "fourdvar"]
 
 # budgets: the fit arguments that replace those of configs/estimators/*.yaml, and the data and evaluation sizes
 FIT_QUICK = {"epochs": 4, "max_time": 75.0, "val_windows": 1024, "patience": 1000}

@@ -231,3 +231,26 @@ def test_bad_input():
         sbida.baselines.get("3dvar", task)
     two = sbida.tasks.get("lorenz96-two-scale")
     assert OI.from_task(two).state_shape == (36,)  # the truncated model
+
+
+def test_climatology_and_interpolation_reference_points():
+    """The climatological prior ignores the observations; the interpolation returns a noise-free observed field
+    where it is dense and the climatological mean far from any observation."""
+    task = sbida.tasks.get("lorenz96-sparse", n_trajectories=16)
+    train, test = task.simulate(progress=False).split(0.75, 0.25)
+    x, y, m, t = test.get(torch.arange(0, len(test), 50))
+    clim = sbida.baselines.get("climatology", task).fit(train)
+    a, b = clim.posterior(y, m, t), clim.posterior(torch.randn_like(y), m, t)
+    assert torch.equal(a.mean(), b.mean()) and torch.allclose(a.mean(), clim.climatology.moments(t)[0].float())
+    interp = sbida.baselines.get("interpolation", task, width=0.2).fit(train)
+    j = interp.target_index
+    obs = m[:, j]
+    est = interp.posterior(y, m, t).mean()
+    assert torch.allclose(est[obs], y[:, j][obs], atol=0.05)  # a narrow kernel returns the observation itself
+    empty = m.clone()
+    empty[:, j] = False
+    empty[:, j, 0] = True  # one observed cell at the target time: the opposite cell falls back to the mean
+    far = interp.posterior(y, empty, t).mean()[:, 20]
+    assert torch.allclose(far, clim.climatology.moments(t)[0][:, 20].float(), atol=1e-3)
+    with pytest.raises(ValueError, match="width"):
+        sbida.baselines.get("interpolation", task, width=-1.0)

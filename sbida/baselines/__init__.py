@@ -1,4 +1,5 @@
-"""Classical data assimilation on the same windows as the learned estimators: OI, EnKF/EnKS, 4D-Var, cycled ETKF.
+"""Classical data assimilation on the same windows as the learned estimators: OI, EnKF/EnKS, 4D-Var, cycled ETKF,
+and the reference points climatology and naive interpolation.
 
 Every baseline is built from a task (``EnKS.from_task(task, members=100)``), estimates its time-dependent
 climatology from training simulations (``.fit(train)``) and returns a :class:`~sbida.posterior.Posterior` for a batch
@@ -13,12 +14,15 @@ from .base import Baseline, baseline_model
 from .climatology import Climatology
 from .enkf import CycledETKF, EnKF, EnKS, apply_transform, etkf_transform, gaspari_cohn, observation_positions
 from .fourdvar import FourDVar, batched_lbfgs
+from .naive import ClimatologicalPrior, Interpolation
 from .oi import OI
 
 __all__ = ["get", "available", "Baseline", "baseline_model", "Climatology", "OI", "EnKF", "EnKS", "CycledETKF",
-           "FourDVar", "batched_lbfgs", "etkf_transform", "apply_transform", "gaspari_cohn", "observation_positions"]
+           "FourDVar", "ClimatologicalPrior", "Interpolation", "batched_lbfgs", "etkf_transform",
+           "apply_transform", "gaspari_cohn", "observation_positions"]
 
-BASELINES: dict[str, type] = {"oi": OI, "enks": EnKS, "enkf": EnKF, "fourdvar": FourDVar, "cycled_etkf": CycledETKF}
+BASELINES: dict[str, type] = {"climatology": ClimatologicalPrior, "interpolation": Interpolation, "oi": OI,
+                              "enks": EnKS, "enkf": EnKF, "fourdvar": FourDVar, "cycled_etkf": CycledETKF}
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "baselines"
 
 
