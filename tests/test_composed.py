@@ -5,7 +5,7 @@ import torch
 
 import sbida
 from sbida.estimators import ComposedScore, Estimator, load
-from sbida.estimators.composed import compose_eps
+from sbida.estimators.composed import FullComposition, compose_eps, denoiser_precision
 from sbida.estimators.sde import CosineSchedule
 
 SMALL = {"channels": 8, "depth": 1, "features": 16, "emb_features": 8, "unet_channels": [8, 16], "steps": 4}
@@ -40,6 +40,74 @@ def test_gaussian_correction_is_exact_for_gaussians():
         assert torch.allclose(got, exact, atol=1e-10), s
         if s > 0.2:
             assert not torch.allclose(compose_eps(eps, 1 / var[:, None], (mu / sigma) ** 2, "none"), exact, atol=1e-2)
+
+
+def correlated_problem(T=4, B=3, D=6, seed=0):
+    """Gaussian prior and T Gaussian likelihoods with full (correlated) precisions; the single-observation
+    posteriors N(m_k, P_k^-1), the prior N(0, P_0^-1) and the window posterior N(m, P^-1)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def spd(n):
+        a = torch.randn(n, D, D, generator=g, dtype=torch.float64)
+        return a @ a.mT / D + 0.3 * torch.eye(D, dtype=torch.float64)
+
+    P0, L = spd(B), spd(T * B).reshape(T, B, D, D)
+    z = torch.randn(T, B, D, generator=g, dtype=torch.float64)
+    mk = torch.linalg.solve(P0 + L, torch.einsum("kbij,kbj->kbi", L, z))
+    P = P0 + L.sum(0)
+    m = torch.linalg.solve(P, torch.einsum("kbij,kbj->bi", L, z))
+    means = torch.cat([mk, torch.zeros(1, B, D, dtype=torch.float64)])
+    return means, torch.cat([P0 + L, P0[None]]), m, P
+
+
+def full_eps(x, mean, precision, mu, sigma):
+    """Exact noise prediction of N(mean, precision^-1) diffused to (mu, sigma); x (..., B, D)."""
+    D = mean.shape[-1]
+    C = mu**2 * torch.linalg.inv(precision) + sigma**2 * torch.eye(D, dtype=mean.dtype)
+    return sigma * torch.einsum("...bij,...bj->...bi", torch.linalg.inv(C), x - mu * mean)
+
+
+def test_full_correction_is_exact_for_correlated_gaussians():
+    """Full precisions: the composition equals the window posterior's noise at every s; the diagonal one does not."""
+    means, precision, m, P = correlated_problem()
+    T = means.shape[0] - 1
+    comp = FullComposition(precision)
+    x = torch.randn(5, *m.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sch = CosineSchedule()
+    for s in (0.05, 0.3, 0.6, 0.9):
+        mu, sigma = sch.mu(torch.tensor(s)), sch.sigma(torch.tensor(s))
+        eps = torch.stack([full_eps(x, means[k], precision[k], mu, sigma) for k in range(T + 1)])
+        exact = full_eps(x, m, P, mu, sigma)
+        assert torch.allclose(comp(eps, (mu / sigma) ** 2), exact, atol=1e-6), s
+        diag = torch.diagonal(precision, dim1=-2, dim2=-1)[:, None]
+        assert not torch.allclose(compose_eps(eps, diag, (mu / sigma) ** 2), exact, atol=1e-2), s
+
+
+def test_denoiser_precision_recovers_gaussian_precisions():
+    means, precision, _, _ = correlated_problem(seed=2)
+    mf, pf = means.flatten(0, 1), precision.flatten(0, 1)
+    sch = CosineSchedule()
+
+    def row_eps(xs, rows, s):
+        return full_eps(xs[:, None], mf[rows][:, None], pf[rows][:, None], sch.mu(s[0]), sch.sigma(s[0]))[:, 0]
+
+    for snr in (0.3, 1.0, 3.0):
+        got = denoiser_precision(row_eps, mf + 0.5, sch, snr=snr)  # any point: the Jacobian of a Gaussian is constant
+        assert torch.allclose(got, pf, rtol=1e-5, atol=1e-6), snr
+
+
+def test_linear_simulator_gives_the_observation_operators_of_past_and_future_lags():
+    task = sbida.tasks.get("linear-gaussian")
+    est = ComposedScore(task, mode="guided", **SMALL)
+    ops = est.linear_operators(range(-9, 3))
+    A = task.simulator.A
+    H = task.observation.matrix(dtype=torch.float64)
+    assert sorted(ops) == list(range(-9, 3))  # the propagator is well conditioned: every lag is reachable
+    assert torch.allclose(ops[0].double(), H, atol=1e-6)
+    assert torch.allclose(ops[2].double(), H @ A @ A, atol=1e-5)
+    assert torch.allclose(ops[-3].double() @ torch.linalg.matrix_power(A, 3), H, atol=1e-4)
+    l96 = sbida.tasks.get("lorenz96", K=8, n_trajectories=2, n_states=20)
+    assert ComposedScore(l96, mode="guided", **SMALL).linear_operators([-1, 0]) is None  # nonlinear: forward only
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +195,54 @@ def test_config_file_matches_the_code():
     assert set(cfg["estimator"]) == set(ComposedScore.defaults) | {"seed"}
     import inspect
     assert set(cfg["fit"]) <= set(inspect.signature(Estimator.fit).parameters)
+
+
+MEDIUM = {"channels": 16, "depth": 1, "features": 32, "emb_features": 16, "unet_channels": [16, 32]}
+
+
+@pytest.fixture(scope="module")
+def lg():
+    """A composed-mode model trained on the linear-Gaussian task on a small budget, and 48 test windows with their
+    exact posteriors."""
+    task = sbida.tasks.get("linear-gaussian")
+    train, val, test = task.simulate(progress=False, n_trajectories=256).split(0.8, 0.1, 0.1)
+    est = ComposedScore(task, **MEDIUM)
+    est.fit(train, val, epochs=5, batch_size=256, lr=2e-3, seed=0, progress=False)
+    x, y, m, t = test.get(torch.arange(0, len(test), len(test) // 24)[:24])
+    mean, cov = task.simulator.exact_posterior(y, m, t, task.observation, test.window.offsets(),
+                                               every=test.meta["every"])
+    return est, x, y, m, t, mean, cov
+
+
+def summary(s, x, mean, cov):
+    """Posterior-mean RMSE over the exact posterior's, and mean sample variance over the exact one."""
+    rmse = float((s.double().mean(0) - x).pow(2).mean().sqrt() / (mean - x).pow(2).mean().sqrt())
+    var = float(s.double().var(0).mean() / torch.diagonal(cov, dim1=-2, dim2=-1).mean())
+    return rmse, var
+
+
+@pytest.mark.slow
+def test_linear_gaussian_guided_posterior_uses_the_whole_window(lg):
+    """Guided sampling from the composed model's prior score, with the past observations through the inverse
+    propagator: close to the exact posterior of the window, and far tighter than with the last observation alone."""
+    est, x, y, m, t, mean, cov = lg
+    g = torch.Generator().manual_seed(0)
+    s = est.posterior(y, m, t, mode="guided").sample(48, generator=g)  # the default sampler: 32 steps x 2
+    rmse, var = summary(s, x, mean, cov)
+    last = est.posterior(y[:, -1:], m[:, -1:], t, lags=[0], mode="guided").sample(16, generator=g)
+    _, var_last = summary(last, x, mean, cov)
+    assert rmse < 1.3 and 0.5 < var < 1.6, (rmse, var)
+    assert var_last > 2 * var, (var_last, var)
+    res = sbida.diagnostics.expected_coverage(s, x.float())
+    assert res.marginal_ece < 0.1, res.marginal_ece
+
+
+@pytest.mark.slow
+def test_linear_gaussian_composed_posterior_is_informed(lg):
+    """Composed mode at a small budget: the posterior mean is well inside the prior (its RMSE far below the prior
+    spread) though broader than the exact posterior (network errors add up over the T + 1 scores)."""
+    est, x, y, m, t, mean, cov = lg
+    s = est.posterior(y, m, t, steps=8, corrections=1).sample(16, generator=torch.Generator().manual_seed(0))
+    rmse, var = summary(s, x, mean, cov)
+    prior = float(x.double().pow(2).mean().sqrt() / (mean - x).pow(2).mean().sqrt())  # prior mean's RMSE, same units
+    assert rmse < 0.6 * prior and var > 1, (rmse, var, prior)
