@@ -64,6 +64,11 @@ def test_budgets_come_from_the_estimator_configs():
     assert fit["epochs"] == cfg_file["fit"]["epochs"] and hp["transforms"] == cfg_file["estimator"]["transforms"]
     _, hp_q, fit_q = _estimator_settings(quick, "npe")
     assert hp_q == hp and fit_q["epochs"] == bench.FIT_QUICK["epochs"] and fit_q["lr"] == cfg_file["fit"]["lr"]
+    # --quick leaves ComposedScore out unless it is named, and says why
+    default_quick, skipped = bench.benchmark_config("lorenz96", "quick", baselines=[])
+    assert "composed" not in default_quick.estimators and "composed" in skipped and "npe" in default_quick.estimators
+    named, skipped = bench.benchmark_config("lorenz96", "quick", estimators=["composed"], baselines=[])
+    assert "composed" in named.estimators and "composed" not in skipped
 
 
 # -- reference.py ------------------------------------------------------------------------------------------------------
