@@ -96,9 +96,9 @@ def test_two_processes_match_one(tmp_path):
             assert _relative(w, w0) < 1e-5
             lr_steps = 1e-3 * FIT["epochs"] * FIT["steps_per_epoch"]
             assert max(float((w[k] - w0[k]).abs().max()) for k in w if w[k].is_floating_point()) < 2 * lr_steps
-    assert not torch.allclose(ranks[0]["npe"][0]["flow.transform.transforms.0.hyper.0.weight"],
+    assert not torch.allclose(ranks[0]["npe"][0]["flow.couplings.0.inp.weight"],
                               NPE(None, state_shape=(8,), obs_shape=(8,), window=3, **NPE_HP).state_dict()[
-                                  "flow.transform.transforms.0.hyper.0.weight"])  # it trained
+                                  "flow.couplings.0.inp.weight"])  # it trained
 
 
 def test_shard_splits_a_global_batch():
