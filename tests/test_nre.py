@@ -102,6 +102,20 @@ def test_loss_variants_and_marginal(tiny):
     z = torch.randn(5, 8)
     ref = torch.distributions.MultivariateNormal(torch.zeros(8), scale_tril=L).log_prob(z)
     assert torch.allclose(est.marginal_log_prob(z), ref, atol=1e-4)
+    # the diagonal reference: log g is the location-scale head's Gaussian; the flow's starts as that same Gaussian
+    # (its couplings begin as the identity) and its Newton start is the location
+    plain = NRE(task, **SMALL, reference="diag")
+    plain.fit_standardization(train)
+    assert plain.flow is None and torch.isfinite(plain.loss(plain.standardize(x, y, m, t)))
+    fresh = NRE(task, **SMALL)
+    b = fresh.standardize(x, y, m, t)
+    with torch.no_grad():
+        hmap, _ = fresh.encoder(b.y, b.mask, b.t)
+        loc, scale = fresh._proposal(hmap)
+        zz = torch.randn(3, 16, 8)
+        ref = torch.distributions.Normal(loc, scale).log_prob(zz).sum(-1)
+        assert torch.allclose(fresh.reference(hmap).log_prob(zz), ref, atol=1e-4)
+        assert torch.allclose(fresh.reference_mode(hmap), loc, atol=1e-6)
     diag = NRE(task, **SMALL, marginal="diag")
     diag.fit_standardization(train)
     ref = torch.distributions.Normal(0, diag.marginal_tril).log_prob(z).sum(-1)
@@ -123,11 +137,27 @@ def test_posterior_shapes_and_unnormalized_density(tiny):
         z = (s - est.x_mean) / est.x_std
         b = est.standardize(None, y, m, t)
         hmap, _ = est.encoder(b.y, b.mask, b.t)
-        loc, scale = est._proposal(hmap)
-        direct = est.log_posterior(z.flatten(2), est.ratio.context(hmap), loc, scale) - est.x_std.log().sum()
+        direct = est.log_posterior(z.flatten(2), est.ratio.context(hmap), est.reference(hmap)) - est.x_std.log().sum()
     assert torch.allclose(lp, direct, atol=1e-4)
     assert post.sample(3, generator=torch.Generator().manual_seed(0)).shape == (3, 5, 8)
     assert est.posterior(y, m, t, steps=0).sample(4).shape == (4, 5, 8)
+
+
+def test_laplace_fit_is_made_once_per_posterior(tiny, monkeypatch):
+    import sbida.estimators.nre as nre_module
+
+    task, train, _, est = tiny
+    calls = []
+    real = nre_module._laplace
+    monkeypatch.setattr(nre_module, "_laplace", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, y, m, t = train.get(torch.arange(5))
+    post = est.posterior(y, m, t)
+    a = post.sample(6, generator=torch.Generator().manual_seed(0))
+    first = len(calls)
+    b = post.sample(6, generator=torch.Generator().manual_seed(0))
+    assert first >= 1 and len(calls) == first and torch.equal(a, b)
+    est.posterior(y, m, t).sample(6)  # a new posterior object makes its own fit
+    assert len(calls) == 2 * first
 
 
 def test_save_load_gives_identical_samples(tiny, tmp_path):
@@ -161,6 +191,8 @@ def test_bad_input_is_a_clear_error(tiny):
         est.posterior(y, m, t, step=3)
     with pytest.raises(ValueError, match="proposal must be"):
         NRE(task, proposal="flow")
+    with pytest.raises(ValueError, match="reference must be"):
+        NRE(task, reference="gauss")
     with pytest.raises(ValueError, match="loss must be"):
         NRE(task, loss="cnre")
     with pytest.raises(ValueError, match="unknown hyperparameters"):
@@ -200,3 +232,29 @@ def test_nre_beats_climatology_and_interpolation_on_lorenz96():
     clim = (train.get(torch.arange(len(train)))[0].double().mean(0) - x).pow(2).mean().sqrt()
     naive = (interpolate_last(y, m, task.observation.matrix(dtype=torch.float64)) - x).pow(2).mean().sqrt()
     assert rmse < 0.8 * min(clim, naive), (float(rmse), float(clim), float(naive))
+
+
+@pytest.mark.slow
+def test_flow_reference_is_calibrated_on_linear_gaussian():
+    """A small budget on the linear-Gaussian task, 400 independent windows against the exact posterior: calibrated
+    highest-density regions, a posterior mean near the exact one, and a ratio whose error over exact draws,
+    Var[log q - log p], is well below the diagonal-Gaussian reference's (20.5 nats^2 at a larger budget)."""
+    task = sbida.tasks.get("linear-gaussian")
+    train, val = task.simulate(progress=False, n_trajectories=256).split(0.9, 0.1)
+    est = NRE(task, steps=6)
+    est.fit(train, val, epochs=3, steps_per_epoch=100, batch_size=256, progress=False)
+    x, y, m, t = task.independent_windows(400, seed=7)
+    mean, cov = task.simulator.exact_posterior(y, m, t, task.observation, task.window.offsets(),
+                                               every=task.config.data.save_every)
+    exact = torch.distributions.MultivariateNormal(mean, cov)
+    with torch.no_grad():
+        post = est.posterior(y, m, t)
+        s = post.sample(64, generator=torch.Generator().manual_seed(0))
+        cover = sbida.diagnostics.expected_coverage(post, x.float(), samples=s)
+        ref = exact.sample((64,))
+        gap = post.log_prob(ref.float()).double() - exact.log_prob(ref)
+    rmse = (s.mean(0).double() - x).pow(2).mean().sqrt() / (mean - x).pow(2).mean().sqrt()
+    ratio_var = gap.var(0).mean()
+    assert cover.ece <= 0.05, cover.ece
+    assert rmse < 1.4, float(rmse)  # measured 1.29 at this budget: NRE's mean is not yet within 15 % of the exact
+    assert ratio_var < 10, float(ratio_var)

@@ -13,23 +13,28 @@ cross-entropy (NRE; Hermans et al., 2020) and its balanced variant (BNRE; Delaun
 :math:`\ell + \lambda\,(\mathbb{E}[d(x, y)] + \mathbb{E}[d(x', y)] - 1)^2`.
 
 The classifier puts the standardized state as a channel beside the window encoder's context map, runs periodic
-convolutions and sums a per-cell output over the grid, :math:`f_\phi(\tilde x, y, t)`. A diagonal Gaussian
-:math:`g(\tilde x \mid y, t)` from the same context map is trained alongside by maximum likelihood, and the
-log-ratio is parametrized relative to it,
+convolutions and sums a per-cell output over the grid, :math:`f_\phi(\tilde x, y, t)`. A reference density
+:math:`g(\tilde x \mid y, t)` from the same context map is trained alongside by maximum likelihood: a per-cell
+location-scale map followed by a multiscale grid coupling flow (:class:`sbida.nn.GridFlow`; ``reference="flow"``), or
+the diagonal Gaussian alone (``reference="diag"``). The log-ratio is parametrized relative to it,
 
 .. math:: \log r_\phi = f_\phi + \log g - \log \hat p, \qquad \log q(x \mid y, t) = f_\phi + \log g + \text{const},
 
-so that the classifier only corrects the proposal. Besides the NRE/BNRE loss (negatives: the states of other
-windows), ``f`` alone is trained as the logit of draws of :math:`p(x \mid y)` against draws of :math:`g` (negatives
-near the truth, which the marginal's are not; its optimum is the same :math:`f = \log p(x \mid y) - \log g`).
+so that the classifier only corrects the reference (``g`` is held fixed in the classifier's losses). Besides the
+NRE/BNRE loss (negatives: the states of other windows), ``f`` alone is trained as the logit of draws of
+:math:`p(x \mid y)` against draws of :math:`g` (negatives near the truth, which the marginal's are not; its optimum is
+the same :math:`f = \log p(x \mid y) - \log g`).
+
 The sampler (``proposal="laplace"``, the default) finds each window's mode of :math:`\log q` by damped Newton steps
-from the mean of :math:`g` and takes the Laplace approximation :math:`\mathcal N(\hat z, (-\nabla^2 \log q)^{-1})`
-(its scales times ``inflate``) as the proposal: ``n`` draws per window are importance-resampled with weights
-:math:`q / \mathcal N` and then moved by ``steps`` Metropolis-adjusted Langevin (MALA) steps whose mass matrix is the
-Laplace covariance, all windows and chains at once, the step size of each window adapted towards an acceptance of
-0.57 in the first half of the steps. The Hessian costs ``D`` copies of the batch per Newton step, so for large
-states ``proposal="learned"`` uses the diagonal :math:`g` instead (a diagonal proposal and mass matrix mix badly on
-strongly correlated posteriors: on the linear-Gaussian task, 2 distinct draws of 500 after resampling).
+from the image of the base's mode under :math:`g` (its mean for the diagonal Gaussian), with gradients and Hessians of
+:math:`\log q` by automatic differentiation through the flow, and takes the Laplace approximation
+:math:`\mathcal N(\hat z, (-\nabla^2 \log q)^{-1})` (its scales times ``inflate``) as the proposal: ``n`` draws per
+window are importance-resampled with weights :math:`q / \mathcal N` and then moved by ``steps`` Metropolis-adjusted
+Langevin (MALA) steps whose mass matrix is the Laplace covariance, all windows and chains at once, the step size of
+each window adapted towards an acceptance of 0.57 in the first half of the steps. A posterior object makes its Laplace
+fit once and keeps it for later draws. The Hessian costs ``D`` copies of the batch per Newton step, so for large states
+``proposal="learned"`` uses the location-scale map instead (a diagonal proposal and mass matrix mix badly on strongly
+correlated posteriors: on the linear-Gaussian task, 2 distinct draws of 500 after resampling).
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ import torch
 import torch.nn.functional as F
 from lampe.inference import BNRELoss, NRELoss
 from torch import Tensor, nn
+from torch.distributions import AffineTransform, Distribution, Independent, Normal, TransformedDistribution
 
 from ..data import WindowDataset
-from ..nn import WindowEncoder, periodic_conv
+from ..nn import GridFlow, WindowEncoder, periodic_conv
 from ..posterior import SamplerPosterior
 from .base import Batch, Estimator
 
@@ -105,22 +111,26 @@ class RatioNet(nn.Module):
 
 
 class NRE(Estimator):
-    """Neural ratio estimation with a window encoder, a convolutional classifier and a MALA sampler.
+    """Neural ratio estimation with a window encoder, a convolutional classifier, a learned reference density and a
+    Laplace/MALA sampler.
 
     Hyperparameters (``NRE.defaults``): encoder ``channels``, ``depth``, ``kernel_size``, ``emb_features``,
-    ``aggregate``; classifier ``ratio_channels``, ``ratio_depth``, ``ratio_kernel``; ``loss`` (``"nre"`` or
-    ``"bnre"``) and ``lmbda`` (BNRE's balance weight); ``contrast_weight`` (the cross-entropy against proposal
-    draws), ``proposal_weight`` (the proposal's negative log-likelihood);
-    ``marginal`` (``"full"`` or ``"diag"`` covariance of the fitted state marginal) and ``shrinkage`` (of its
-    covariance towards the diagonal); sampler ``proposal`` (``"laplace"`` or ``"learned"``), ``newton`` (Newton steps
-    to the mode), ``steps`` (MALA steps), ``inflate`` (proposal scale factor), ``sample_rows`` (chains run at once,
-    bounds memory).
+    ``aggregate``; classifier ``ratio_channels``, ``ratio_depth``, ``ratio_kernel``; reference ``reference``
+    (``"flow"``: location-scale head then a :class:`~sbida.nn.GridFlow`; ``"diag"``: the diagonal Gaussian alone),
+    ``ref_transforms``, ``ref_hidden``, ``ref_kernel``, ``ref_levels`` (the grid flow's couplings per level, hidden
+    widths, kernel and levels); ``loss`` (``"nre"`` or ``"bnre"``) and ``lmbda`` (BNRE's balance weight);
+    ``contrast_weight`` (the cross-entropy against reference draws), ``proposal_weight`` (the reference's negative
+    log-likelihood per cell); ``marginal`` (``"full"`` or ``"diag"`` covariance of the fitted state marginal) and
+    ``shrinkage`` (of its covariance towards the diagonal); sampler ``proposal`` (``"laplace"`` or ``"learned"``),
+    ``newton`` (Newton steps to the mode), ``steps`` (MALA steps), ``inflate`` (proposal scale factor),
+    ``sample_rows`` (chains x windows run at once, bounds memory).
     """
 
     defaults: dict[str, Any] = {
         "channels": 32, "depth": 3, "kernel_size": 5, "emb_features": 32, "aggregate": "concat",
-        "ratio_channels": 32, "ratio_depth": 1, "ratio_kernel": 3, "loss": "nre", "lmbda": 100.0,
-        "contrast_weight": 1.0, "proposal_weight": 1.0,
+        "ratio_channels": 32, "ratio_depth": 1, "ratio_kernel": 3,
+        "reference": "flow", "ref_transforms": 2, "ref_hidden": [32], "ref_kernel": 5, "ref_levels": None,
+        "loss": "nre", "lmbda": 100.0, "contrast_weight": 1.0, "proposal_weight": 1.0,
         "marginal": "full", "shrinkage": 0.01, "proposal": "laplace", "newton": 3, "steps": 10, "inflate": 1.1,
         "sample_rows": 65536,
     }
@@ -131,6 +141,8 @@ class NRE(Estimator):
             raise ValueError(f"loss must be 'nre' or 'bnre', got {h['loss']!r}")
         if h["marginal"] not in ("full", "diag"):
             raise ValueError(f"marginal must be 'full' or 'diag', got {h['marginal']!r}")
+        if h["reference"] not in ("flow", "diag"):
+            raise ValueError(f"reference must be 'flow' or 'diag', got {h['reference']!r}")
         if int(h["steps"]) < 0 or float(h["inflate"]) <= 0 or int(h["newton"]) < 0:
             raise ValueError(f"steps and newton must be >= 0 and inflate > 0, got {h['steps']}, {h['newton']} and "
                              f"{h['inflate']}")
@@ -145,6 +157,10 @@ class NRE(Estimator):
         self.proposal_head = periodic_conv(self.encoder.dim, h["channels"], 2 * sc, 3)
         nn.init.zeros_(self.proposal_head.weight)
         nn.init.zeros_(self.proposal_head.bias)
+        self.flow = None
+        if h["reference"] == "flow":
+            self.flow = GridFlow(self.state_shape, h["channels"], int(h["ref_transforms"]), list(h["ref_hidden"]),
+                                 int(h["ref_kernel"]), h["ref_levels"])
         D = self.event_size
         self.register_buffer("marginal_tril", torch.eye(D) if h["marginal"] == "full" else torch.ones(D))
 
@@ -176,40 +192,60 @@ class NRE(Estimator):
         return -0.5 * z.square().sum(-1) - logdet - 0.5 * x.shape[-1] * _LOG_2PI
 
     def _proposal(self, hmap: Tensor) -> tuple[Tensor, Tensor]:
-        """Location and scale ``(B, D)`` of the diagonal Gaussian proposal over standardized flat states."""
+        """Location and scale ``(B, D)`` of the per-cell location-scale head over standardized flat states."""
         loc, raw = self.proposal_head(hmap).chunk(2, dim=1)
         return loc.flatten(1), F.softplus(raw + _SOFTPLUS_ONE).flatten(1) + 1e-3
 
-    def log_posterior(self, z: Tensor, context: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
-        """Unnormalized log-posterior ``f(z~, y) + log g(z~ | y)`` of standardized flat states ``(..., B, D)`` given
-        the classifier's context ``(B, C, *grid)`` and the proposal ``loc, scale (B, D)``: ``(..., B)``."""
-        log_g = (-0.5 * ((z - loc) / scale).square() - scale.log()).sum(-1) - 0.5 * z.shape[-1] * _LOG_2PI
-        return self.ratio(z, context) + log_g
+    def reference(self, hmap: Tensor) -> Distribution:
+        """The reference density ``g(z~ | y, t)`` of standardized flat states given a context map ``(B, C, *grid)``:
+        ``z~ = m + s * u`` with ``u`` the grid flow's (or a standard normal), batch ``(B,)``, event ``(D,)``."""
+        loc, scale = self._proposal(hmap)
+        if self.flow is None:
+            return Independent(Normal(loc, scale), 1)
+        return TransformedDistribution(self.flow(hmap), [AffineTransform(loc, scale, event_dim=1)])
 
-    def log_ratio(self, z: Tensor, context: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
+    def reference_mode(self, hmap: Tensor, ref: Distribution | None = None) -> Tensor:
+        """The image of the base's mode under the reference (its mode for the diagonal Gaussian): ``(B, D)``, the
+        start of the Newton steps."""
+        ref = self.reference(hmap) if ref is None else ref
+        if self.flow is None:
+            return ref.mean
+        base = ref.base_dist
+        u = base.transform.inv(base.base.mean)
+        return ref.transforms[0](u)
+
+    def log_posterior(self, z: Tensor, context: Tensor, ref: Distribution) -> Tensor:
+        """Unnormalized log-posterior ``f(z~, y) + log g(z~ | y)`` of standardized flat states ``(..., B, D)`` given
+        the classifier's context ``(B, C, *grid)`` and the reference ``g`` (:meth:`reference`): ``(..., B)``."""
+        return self.ratio(z, context) + ref.log_prob(z)
+
+    def log_ratio(self, z: Tensor, context: Tensor, ref: Distribution) -> Tensor:
         """Log posterior-to-marginal ratio ``log r = log q(z~ | y) - log p^(z~)`` ``(..., B)`` (the classifier's
         logit in the NRE loss)."""
-        return self.log_posterior(z, context, loc, scale) - self.marginal_log_prob(z)
+        return self.log_posterior(z, context, ref) - self.marginal_log_prob(z)
 
     def loss(self, batch: Batch) -> Tensor:
-        """Ratio loss (NRE or BNRE, from lampe) + ``contrast_weight`` x the cross-entropy against proposal draws +
-        ``proposal_weight`` x the proposal's negative log-likelihood per cell."""
+        """Ratio loss (NRE or BNRE, from lampe) + ``contrast_weight`` x the cross-entropy against reference draws +
+        ``proposal_weight`` x the reference's negative log-likelihood per cell."""
         hmap, _ = self.encoder(batch.y, batch.mask, batch.t)
         context = self.ratio.context(hmap)
         x = batch.x.flatten(1)
-        loc, scale = self._proposal(hmap)
-        nll = (0.5 * ((x - loc) / scale).square() + scale.log()).mean()
-        g_loc, g_scale = loc.detach(), scale.detach()
+        ref = self.reference(hmap)
+        nll = -ref.log_prob(x).mean() / x.shape[-1]
+        with torch.no_grad():  # the classifier's terms train f only: g is held fixed in them
+            ref_fixed = self.reference(hmap.detach())
+            x_g = ref_fixed.sample()
 
         def log_r(theta: Tensor, ctx: Tensor) -> Tensor:
-            return self.log_ratio(theta, ctx, g_loc, g_scale)
+            with torch.no_grad():
+                log_g = ref_fixed.log_prob(theta)
+            return self.ratio(theta, ctx) + log_g - self.marginal_log_prob(theta)
 
         if self.hparams["loss"] == "bnre":
             ratio_loss = BNRELoss(log_r, lmbda=float(self.hparams["lmbda"]))(x, context)
         else:
             ratio_loss = NRELoss(log_r)(x, context)
-        # the same classifier against draws of the proposal: logit f = log q - log g (negatives near the truth)
-        x_g = g_loc + g_scale * torch.randn_like(g_loc)
+        # the same classifier against draws of the reference: logit f = log q - log g (negatives near the truth)
         f = self.ratio(torch.stack([x, x_g]), context)
         contrast = -(F.logsigmoid(f[0]) + F.logsigmoid(-f[1])).mean() / 2
         h = self.hparams
@@ -219,6 +255,9 @@ class NRE(Estimator):
     def make_posterior(self, batch: Batch, steps: int | None = None, inflate: float | None = None,
                        **kwargs: Any) -> SamplerPosterior:
         """Posterior of standardized windows: samples by importance resampling and MALA, unnormalized density.
+
+        The Laplace fit (Newton steps and Hessians, the costly part) is made at the first :meth:`sample` and kept by
+        the posterior object for the next calls.
 
         Args:
             batch: standardized windows (``x`` is ``None``).
@@ -238,21 +277,45 @@ class NRE(Estimator):
             raise ValueError(f"steps must be >= 0 and inflate > 0, got {steps} and {inflate}")
         hmap, _ = self.encoder(batch.y, batch.mask, batch.t)
         context = self.ratio.context(hmap)
+        ref = self.reference(hmap)
         loc, scale = self._proposal(hmap)
         B, D = loc.shape
         rows = int(self.hparams["sample_rows"])
+        # rows of one evaluation: an activation of the classifier or of a coupling (rows x width x D values) kept near
+        # the cache, 2^23 values, which measured twice as fast as 2^26 (larger passes are memory bound)
+        width = max([int(self.hparams["ratio_channels"])] + list(self.hparams["ref_hidden"] if self.flow else []))
+        rows = min(rows, max(1, 2**23 // (width * D)))
         x_mean, x_std = self.x_mean.reshape(-1), self.x_std.reshape(-1)
         log_jac = x_std.log().sum()
+        laplace = self.hparams["proposal"] == "laplace"
+        newton = int(self.hparams["newton"])
+        cache: dict[str, _Metric] = {}
 
-        newton = int(self.hparams["newton"]) if self.hparams["proposal"] == "laplace" else None
+        def target(j: slice):
+            return functools.partial(self.log_posterior, context=context[j], ref=self.reference(hmap[j]))
+
+        def metric() -> _Metric:
+            """The proposal of all windows: the Laplace fit (made once, in chunks of ``rows / D`` windows), or the
+            location-scale head."""
+            if "m" not in cache:
+                if not laplace:
+                    cache["m"] = _Metric(loc, scale)
+                else:
+                    start = self.reference_mode(hmap, ref)
+                    chunk = max(1, rows // D)
+                    parts = [_laplace(target(slice(i, i + chunk)), start[i:i + chunk], newton)
+                             for i in range(0, B, chunk)]
+                    cache["m"] = _Metric.cat(parts)
+            return cache["m"]
 
         def sample_fn(n: int, generator: torch.Generator | None) -> Tensor:
-            chunk = max(1, rows // max(n, D if newton is not None else 1))
+            m = metric()
+            chunk = max(1, rows // n)
             out, acc = [], []
             for i in range(0, B, chunk):
                 j = slice(i, min(B, i + chunk))
-                target = functools.partial(self.log_posterior, context=context[j], loc=loc[j], scale=scale[j])
-                z, a = _sample_windows(target, loc[j], scale[j], n, steps, generator, newton, inflate)
+                z, a = _sample_windows(target(j), m.loc[j], None, n, steps, generator, inflate=inflate,
+                                       metric=m[j])
                 out.append(z)
                 acc.append(a)
             post.acceptance = torch.cat(acc)
@@ -264,7 +327,7 @@ class NRE(Estimator):
             lead = x.shape[:-1 - len(self.state_shape)]
             z = ((x.to(loc.dtype).reshape(-1, B, D)) - x_mean) / x_std
             per = max(1, rows // B)
-            lp = torch.cat([self.log_posterior(z[k:k + per], context, loc, scale) for k in range(0, z.shape[0], per)])
+            lp = torch.cat([self.log_posterior(z[k:k + per], context, ref) for k in range(0, z.shape[0], per)])
             return (lp - log_jac).reshape(*lead, B)
 
         post = SamplerPosterior(sample_fn, B, self.state_shape, log_prob_fn=log_prob_fn, device=loc.device)
@@ -279,6 +342,14 @@ class _Metric:
     def __init__(self, loc: Tensor, root: Tensor, inv_root: Tensor | None = None):
         self.loc, self.root, self.inv_root = loc, root, inv_root
         self.dense = root.dim() == 3
+
+    def __getitem__(self, j: slice) -> _Metric:
+        return _Metric(self.loc[j], self.root[j], None if self.inv_root is None else self.inv_root[j])
+
+    @staticmethod
+    def cat(parts: list[_Metric]) -> _Metric:
+        inv = None if parts[0].inv_root is None else torch.cat([p.inv_root for p in parts])
+        return _Metric(torch.cat([p.loc for p in parts]), torch.cat([p.root for p in parts]), inv)
 
     def scatter(self, xi: Tensor) -> Tensor:
         return torch.einsum("...bj,bij->...bi", xi, self.root) if self.dense else xi * self.root
@@ -335,19 +406,21 @@ def _laplace(log_target, z: Tensor, iters: int, floor: float = 1e-2) -> _Metric:
     return _Metric(z.detach(), root, inv_root)
 
 
-def _sample_windows(log_target, loc: Tensor, scale: Tensor, n: int, steps: int,
+def _sample_windows(log_target, loc: Tensor, scale: Tensor | None, n: int, steps: int,
                     generator: torch.Generator | None, newton: int | None = None,
-                    inflate: float = 1.0) -> tuple[Tensor, Tensor]:
+                    inflate: float = 1.0, metric: _Metric | None = None) -> tuple[Tensor, Tensor]:
     """``n`` draws ``(n, b, D)`` for each of ``b`` windows of an unnormalized ``log_target (..., b, D) -> (..., b)``.
 
     The proposal is ``N(loc, scale^2)`` (``newton`` ``None``) or the Laplace approximation of the target found by
-    ``newton`` Newton steps from ``loc``; its scales are multiplied by ``inflate``. Its draws are importance-resampled
+    ``newton`` Newton steps from ``loc``, or ``metric`` if given (a fit made before); its scales are multiplied by
+    ``inflate``. Its draws are importance-resampled
     and moved by ``steps`` MALA steps preconditioned by its covariance. Also returns the mean acceptance rate of each
     window ``(b,)``.
     """
     b, D = loc.shape
     dev, dtype = loc.device, loc.dtype
-    metric = _Metric(loc, scale) if newton is None else _laplace(log_target, loc, newton)
+    if metric is None:
+        metric = _Metric(loc, scale) if newton is None else _laplace(log_target, loc, newton)
     with torch.no_grad():
         xi = torch.randn(n, b, D, generator=generator, device=dev, dtype=dtype)
         z = metric.loc + inflate * metric.scatter(xi)
