@@ -106,18 +106,15 @@ def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int
         print(f"  {key}: {setting} {est}: nRMSE {res['nrmse']:.3f} ECE {res['ece']:.3f} ({res['seconds']:.0f} s)",
               flush=True)
 
-    if "time" in only:
-        task, (tr, va, te) = task_data("lorenz96")
+    # on/off ablations: (key, task, setting with, setting without, the transform of the data that removes it)
+    for key, name, on, off, remove in (("time", "lorenz96", "t embedded", "t set to 0", without_time),
+                                       ("mask", "lorenz96-sparse", "mask channel", "mask of ones", without_mask)):
+        if key not in only:
+            continue
+        task, (tr, va, te) = task_data(name)
         for est in estimators:
-            record("time", "t embedded", est, train_and_score(task, est, tr, va, te, fit, **kw))
-            record("time", "t set to 0", est, train_and_score(task, est, without_time(tr), without_time(va),
-                                                               without_time(te), fit, **kw))
-    if "mask" in only:
-        task, (tr, va, te) = task_data("lorenz96-sparse")
-        for est in estimators:
-            record("mask", "mask channel", est, train_and_score(task, est, tr, va, te, fit, **kw))
-            record("mask", "mask of ones", est, train_and_score(task, est, without_mask(tr), without_mask(va),
-                                                                 without_mask(te), fit, **kw))
+            record(key, on, est, train_and_score(task, est, tr, va, te, fit, **kw))
+            record(key, off, est, train_and_score(task, est, remove(tr), remove(va), remove(te), fit, **kw))
     if "window" in only:
         for length in (1, 5, 10, 25):
             task, (tr, va, te) = task_data("lorenz96", length=length)
