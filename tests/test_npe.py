@@ -190,6 +190,15 @@ def test_training_is_reproducible_and_resumable(tiny, tmp_path):
     assert e.fit(train, val, **{**kw, "seed": 6})["train_loss"] != ha["train_loss"]
 
 
+def test_cosine_schedule_follows_the_clock_when_max_time_comes_first(tiny):
+    """A run stopped by max_time long before its steps still ends at the low learning rate of the schedule."""
+    task, train, val = tiny
+    est = NPE(task, **SMALL)
+    hist = est.fit(train, val, epochs=1000, steps_per_epoch=2, lr=1e-3, max_time=3.0, patience=None, progress=False)
+    assert hist["time"][-1] >= 3.0 and len(hist["epoch"]) < 1000
+    assert hist["lr"][-1] < 5e-5 < hist["lr"][0]  # lr/100 = 1e-5 at the end of the budget
+
+
 def test_best_epoch_is_restored_and_early_stopping(tiny):
     task, train, val = tiny
     est = NPE(task, **SMALL)

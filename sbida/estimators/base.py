@@ -274,7 +274,10 @@ class Estimator(nn.Module):
             checkpoint: file written after every epoch (model, optimizer, schedule, history, best weights), by rank 0.
             resume: continue from ``checkpoint`` if it exists.
             max_time: stop after this many seconds (at the end of the running step).
-            schedule: ``"cosine"`` (decay to lr/100), ``"onecycle"`` or ``"constant"``.
+            schedule: ``"cosine"`` (decay to lr/100 over the budget: the steps, or ``max_time`` when that is
+                reached first, so a run stopped by the clock still ends at the low learning rate; such a run is
+                not bit-reproducible, since its schedule follows the clock), ``"onecycle"`` (over the steps) or
+                ``"constant"``.
             steps_per_epoch: steps of one epoch (default: one pass over ``train``); windows are drawn at random.
             val_windows: windows of ``val`` used for the validation loss (a fixed subset; ``None``: all).
             callback: ``callback(epoch, history)`` after every epoch (on every rank); returning ``True`` stops.
@@ -311,8 +314,18 @@ class Estimator(nn.Module):
         steps = steps_per_epoch or max(1, len(view) // batch_size)
         total = epochs * steps
         opt = torch.optim.AdamW(self.param_groups(lr, weight_decay), lr=lr, weight_decay=weight_decay)
-        if schedule == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=lr / 100)
+        clock = [time.perf_counter()]  # the start of training (set below, after a resumed run's elapsed time)
+
+        def budget_used(step: int) -> float:
+            """The fraction of the budget used: of the steps, or of ``max_time`` when that comes first."""
+            done = step / total
+            if max_time is not None:
+                done = max(done, (time.perf_counter() - clock[0]) / max_time)
+            return min(done, 1.0)
+
+        if schedule == "cosine":  # lr/100 + (lr - lr/100) (1 + cos(pi p)) / 2 over the budget's progress p
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda step: 0.01 + 0.495 * (1.0 + math.cos(math.pi * budget_used(step))))
         elif schedule == "onecycle":
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
         else:
@@ -348,6 +361,7 @@ class Estimator(nn.Module):
                 self.fit_standardization(train, seed=seed)
             model, synced = (self._data_parallel() if world > 1 else (None, []))
             t0 = time.perf_counter() - elapsed0
+            clock[0] = t0
             stop = start_epoch >= epochs or (patience is not None and bad >= patience)
             bar = tqdm(total=(epochs - start_epoch) * steps, desc=f"{type(self).__name__}", unit="step",
                        disable=not progress or stop or rank != 0, leave=False)
