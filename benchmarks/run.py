@@ -60,7 +60,8 @@ FIT_SMOKE = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 16, "val_windows":
              "patience": 1000}
 CODA_QUICK = {"epochs": 1, "steps_per_epoch": 300, "batch_size": 16}
 DATA = {"quick": {"lorenz96": {"n_trajectories": 128, "n_states": 256},
-                  "linear-gaussian": {"n_trajectories": 512, "n_states": 64}},
+                  "linear-gaussian": {"n_trajectories": 512, "n_states": 64},
+                  "kolmogorov": {"n_trajectories": 48, "n_states": 96}},
         "smoke": {"n_trajectories": 10, "n_states": 40}}
 EVALUATION = {"full": {"n_samples": 1000, "max_windows": 1000, "c2st_windows": 10},
               "quick": {"n_samples": 100, "max_windows": 200, "c2st_windows": 5},
@@ -148,6 +149,8 @@ def benchmark_config(task: str, mode: str = "full", estimators: list[str] | None
     ev = EvaluationConfig(**EVALUATION[mode])
     if task == "kolmogorov" and mode == "full":
         ev.max_windows = 256
+    if task == "kolmogorov" and mode == "quick":  # 2048 values per state: a score sampler costs ~50x lorenz96's
+        ev.max_windows, ev.n_samples = 32, 64
     cfg = RunConfig(name=f"benchmark-{task}-{mode}", description=f"benchmarks/run.py {task} ({mode})", task=task,
                     task_overrides=over, seed=seed, out=str(out) if out else None, estimators=specs,
                     baselines=bspecs, evaluation=ev)
