@@ -13,7 +13,7 @@ What it measures (CPU, one run, figures printed as tables and written to JSON):
    hybrid and of the truncated model against the two-scale truth by lead time, and a plot of the learned ``B(x)``
    against the true mean coupling (``--plot PATH``).
 
-    python benchmarks/coda.py [--quick] [--minutes M] [--json PATH] [--plot PATH]
+    python benchmarks/coda.py [--quick] [--minutes M] [--json PATH] [--plot PATH] [--only sparse tuning closure]
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None, help="PNG of the learned closure against the true coupling")
+    parser.add_argument("--only", nargs="*", default=["sparse", "tuning", "closure"],
+                        choices=["sparse", "tuning", "closure"], help="the parts to run (default: all three)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quick = args.quick
@@ -64,96 +66,99 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} cores, load "
           f"{os.getloadavg()[0]:.2f}; CODA budget {minutes:g} min per run")
 
-    # 1. lorenz96-sparse -------------------------------------------------------------------------------------------
-    task = sbida.tasks.get("lorenz96-sparse", n_trajectories=64 if quick else 512, n_states=256 if quick else 512)
-    train, test = task.simulate(progress=False).split(0.875, 0.125)
-    n_test = 100 if quick else 400
-    idx = torch.linspace(0, len(test) - 1, n_test).long()
-    n_samples = 100 if quick else 500
-    rows = {}
-    for alpha in (1.0, 0.0):
-        est, secs = train_coda(task, train, minutes, steps, alpha=alpha)
-        rows[f"CODA alpha={alpha:g}"] = evaluate_on("coda", est, test, idx, n_samples) | {"train_s": secs}
-    oi = OI.from_task(task).fit(train)
-    rows["OI"] = evaluate_on("oi", oi, test, idx, n_samples)
-    enks = EnKS.from_task(task, members=100).fit(train)
-    tuning = enks.tune(test.subset(torch.arange(min(4, test.n_trajectories))), n_windows=64 if quick else 128)
-    rows[f"EnKS-100 (inflation {tuning['inflation']:g})"] = evaluate_on("enks", enks, test, idx, n_samples)
-    var = FourDVar.from_task(task).fit(train)
-    rows["4D-Var"] = evaluate_on("4dvar", var, test, idx, n_samples)
-    # cycled ETKF on the test trajectories (all past observations), after a spin-up of 200 cycles
-    etkf = CycledETKF.from_task(task, members=40, inflation=1.0025).fit(train)
-    mean, _ = etkf.run(test.y, test.mask, t0=float(test.times[0]), progress=False)
-    cycled = float((mean[:, 200:] - test.states[:, 200:]).pow(2).mean().sqrt())
-    base = rows["CODA alpha=1"]["s_per_window"]
-    print(f"\nlorenz96-sparse, {n_test} held-out windows ({test.n_trajectories} trajectories), {n_samples} samples")
-    print(f"{'method':34s} {'RMSE':>7s} {'CRPS':>7s} {'ECE':>6s} {'spr/skl':>7s} {'ms/window':>10s} {'x CODA':>8s}")
-    for name, r in rows.items():
-        print(f"{name:34s} {r['rmse']:7.3f} {r['crps']:7.3f} {r['ece']:6.3f} {r['spread_skill']:7.2f} "
-              f"{1e3 * r['s_per_window']:10.2f} {r['s_per_window'] / base:8.1f}")
-    print(f"{'cycled ETKF, 40 members (reference)':34s} {cycled:7.3f}")
-    out["sparse"] = rows | {"cycled_etkf_rmse": cycled}
+    if "sparse" in args.only:
+        # 1. lorenz96-sparse -------------------------------------------------------------------------------------------
+        task = sbida.tasks.get("lorenz96-sparse", n_trajectories=64 if quick else 512, n_states=256 if quick else 512)
+        train, test = task.simulate(progress=False).split(0.875, 0.125)
+        n_test = 100 if quick else 400
+        idx = torch.linspace(0, len(test) - 1, n_test).long()
+        n_samples = 100 if quick else 500
+        rows = {}
+        for alpha in (1.0, 0.0):
+            est, secs = train_coda(task, train, minutes, steps, alpha=alpha)
+            rows[f"CODA alpha={alpha:g}"] = evaluate_on("coda", est, test, idx, n_samples) | {"train_s": secs}
+        oi = OI.from_task(task).fit(train)
+        rows["OI"] = evaluate_on("oi", oi, test, idx, n_samples)
+        enks = EnKS.from_task(task, members=100).fit(train)
+        tuning = enks.tune(test.subset(torch.arange(min(4, test.n_trajectories))), n_windows=64 if quick else 128)
+        rows[f"EnKS-100 (inflation {tuning['inflation']:g})"] = evaluate_on("enks", enks, test, idx, n_samples)
+        var = FourDVar.from_task(task).fit(train)
+        rows["4D-Var"] = evaluate_on("4dvar", var, test, idx, n_samples)
+        # cycled ETKF on the test trajectories (all past observations), after a spin-up of 200 cycles
+        etkf = CycledETKF.from_task(task, members=40, inflation=1.0025).fit(train)
+        mean, _ = etkf.run(test.y, test.mask, t0=float(test.times[0]), progress=False)
+        cycled = float((mean[:, 200:] - test.states[:, 200:]).pow(2).mean().sqrt())
+        base = rows["CODA alpha=1"]["s_per_window"]
+        print(f"\nlorenz96-sparse, {n_test} held-out windows ({test.n_trajectories} trajectories), {n_samples} samples")
+        print(f"{'method':34s} {'RMSE':>7s} {'CRPS':>7s} {'ECE':>6s} {'spr/skl':>7s} {'ms/window':>10s} {'x CODA':>8s}")
+        for name, r in rows.items():
+            print(f"{name:34s} {r['rmse']:7.3f} {r['crps']:7.3f} {r['ece']:6.3f} {r['spread_skill']:7.2f} "
+                  f"{1e3 * r['s_per_window']:10.2f} {r['s_per_window'] / base:8.1f}")
+        print(f"{'cycled ETKF, 40 members (reference)':34s} {cycled:7.3f}")
+        out["sparse"] = rows | {"cycled_etkf_rmse": cycled}
 
-    # 2. parameter tuning ------------------------------------------------------------------------------------------
-    small = sbida.tasks.get("lorenz96-sparse", n_trajectories=32 if quick else 64, n_states=256)
-    tr = small.simulate(progress=False)
-    print("\nparameter tuning (data at F=8): start -> estimate after joint training -> after refine_parameters")
-    out["tuning"] = {}
-    for F0 in (4.0, 6.0, 10.0, 12.0):
-        est = CODA(small, channels=[16, 32, 64], rollout=10, alpha=1.0, tune={"F": F0}, param_lr=0.05)
-        est.fit(tr, None, epochs=1, batch_size=32, lr=3e-3, steps_per_epoch=300 if quick else 1000, progress=False)
-        steps, joint = len(est.parameter_history["F"]), est.parameter_history["F"][-1]
-        t0 = time.perf_counter()
-        refined = est.refine_parameters(tr, windows=256, rollout=50)["F"]
-        secs = time.perf_counter() - t0
-        out["tuning"][F0] = {"joint": joint, "refined": refined, "refine_s": secs}
-        print(f"  F0 = {F0:4.1f} -> {joint:.3f} (error {joint - 8:+.3f}) after {steps} steps -> {refined:.3f} "
-              f"(error {refined - 8:+.3f}; {secs:.0f} s)")
+    if "tuning" in args.only:
+        # 2. parameter tuning ------------------------------------------------------------------------------------------
+        small = sbida.tasks.get("lorenz96-sparse", n_trajectories=32 if quick else 64, n_states=256)
+        tr = small.simulate(progress=False)
+        print("\nparameter tuning (data at F=8): start -> estimate after joint training -> after refine_parameters")
+        out["tuning"] = {}
+        for F0 in (4.0, 6.0, 10.0, 12.0):
+            est = CODA(small, channels=[16, 32, 64], rollout=10, alpha=1.0, tune={"F": F0}, param_lr=0.05)
+            est.fit(tr, None, epochs=1, batch_size=32, lr=3e-3, steps_per_epoch=300 if quick else 1000, progress=False)
+            steps, joint = len(est.parameter_history["F"]), est.parameter_history["F"][-1]
+            t0 = time.perf_counter()
+            refined = est.refine_parameters(tr, windows=256, rollout=50)["F"]
+            secs = time.perf_counter() - t0
+            out["tuning"][F0] = {"joint": joint, "refined": refined, "refine_s": secs}
+            print(f"  F0 = {F0:4.1f} -> {joint:.3f} (error {joint - 8:+.3f}) after {steps} steps -> {refined:.3f} "
+                  f"(error {refined - 8:+.3f}; {secs:.0f} s)")
 
-    # 3. closure ---------------------------------------------------------------------------------------------------
-    two_task = sbida.tasks.get("lorenz96-two-scale", n_trajectories=24 if quick else 64, n_states=256)
-    data = two_task.simulate(progress=False)
-    est = CODA(two_task, channels=[16, 32, 64], rollout=10, alpha=1.0, closure={"hidden": 32, "layers": 2})
-    est.fit(data, None, epochs=1, batch_size=32, lr=3e-3, steps_per_epoch=300 if quick else 1500, progress=False)
-    two = two_task.simulator
-    x0 = two.rollout(two.initial_state(32, torch.Generator().manual_seed(11)), 2000, every=2000)[:, -1]
-    truth = two.rollout(x0, 400, every=2, output=True)
-    hybrid = forecast_rmse(est.dynamics, two.output(x0), truth, every=2)
-    truncated = forecast_rmse(two.truncated(), two.output(x0), truth, every=2)
-    print("\nclosure: free-forecast RMSE against the two-scale truth (32 initial states)")
-    print(f"{'lead':>6s} {'hybrid':>8s} {'truncated':>10s}")
-    out["closure"] = {}
-    for lead in (10, 50, 100, 150, 200):
-        print(f"{lead * 0.01:6.2f} {float(hybrid[lead]):8.3f} {float(truncated[lead]):10.3f}")
-        out["closure"][lead * 0.01] = [float(hybrid[lead]), float(truncated[lead])]
-    if args.plot:
-        import matplotlib
+    if "closure" in args.only:
+        # 3. closure ---------------------------------------------------------------------------------------------------
+        two_task = sbida.tasks.get("lorenz96-two-scale", n_trajectories=24 if quick else 64, n_states=256)
+        data = two_task.simulate(progress=False)
+        est = CODA(two_task, channels=[16, 32, 64], rollout=10, alpha=1.0, closure={"hidden": 32, "layers": 2})
+        est.fit(data, None, epochs=1, batch_size=32, lr=3e-3, steps_per_epoch=300 if quick else 1500, progress=False)
+        two = two_task.simulator
+        x0 = two.rollout(two.initial_state(32, torch.Generator().manual_seed(11)), 2000, every=2000)[:, -1]
+        truth = two.rollout(x0, 400, every=2, output=True)
+        hybrid = forecast_rmse(est.dynamics, two.output(x0), truth, every=2)
+        truncated = forecast_rmse(two.truncated(), two.output(x0), truth, every=2)
+        print("\nclosure: free-forecast RMSE against the two-scale truth (32 initial states)")
+        print(f"{'lead':>6s} {'hybrid':>8s} {'truncated':>10s}")
+        out["closure"] = {}
+        for lead in (10, 50, 100, 150, 200):
+            print(f"{lead * 0.01:6.2f} {float(hybrid[lead]):8.3f} {float(truncated[lead]):10.3f}")
+            out["closure"][lead * 0.01] = [float(hybrid[lead]), float(truncated[lead])]
+        if args.plot:
+            import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
 
-        traj = two.rollout(x0, 400, every=2)
-        X, C = two.output(traj).flatten(), two.coupling(traj).flatten()
-        edges = torch.linspace(float(X.min()), float(X.max()), 31)
-        centres, means = [], []
-        for a, b in zip(edges[:-1], edges[1:]):
-            sel = (X >= a) & (X < b)
-            if sel.sum() > 20:
-                centres.append(float((a + b) / 2))
-                means.append(float(C[sel].mean()))
-        xs = torch.linspace(float(X.min()), float(X.max()), 200)
-        with torch.no_grad():
-            b = est.dynamics.closure(xs[None])[0]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.scatter(X[::50], C[::50], s=2, alpha=0.2, color="grey", label="coupling (samples)")
-        ax.plot(centres, means, "k-", lw=2, label="mean coupling given $X_k$")
-        ax.plot(xs, b, "C3-", lw=2, label="learned $B(X_k)$")
-        ax.set_xlabel("$X_k$")
-        ax.set_ylabel("tendency")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"wrote {args.plot}")
+            traj = two.rollout(x0, 400, every=2)
+            X, C = two.output(traj).flatten(), two.coupling(traj).flatten()
+            edges = torch.linspace(float(X.min()), float(X.max()), 31)
+            centres, means = [], []
+            for a, b in zip(edges[:-1], edges[1:]):
+                sel = (X >= a) & (X < b)
+                if sel.sum() > 20:
+                    centres.append(float((a + b) / 2))
+                    means.append(float(C[sel].mean()))
+            xs = torch.linspace(float(X.min()), float(X.max()), 200)
+            with torch.no_grad():
+                b = est.dynamics.closure(xs[None])[0]
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ax.scatter(X[::50], C[::50], s=2, alpha=0.2, color="grey", label="coupling (samples)")
+            ax.plot(centres, means, "k-", lw=2, label="mean coupling given $X_k$")
+            ax.plot(xs, b, "C3-", lw=2, label="learned $B(X_k)$")
+            ax.set_xlabel("$X_k$")
+            ax.set_ylabel("tendency")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(args.plot, dpi=120)
+            print(f"wrote {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=str)
