@@ -254,3 +254,22 @@ def test_climatology_and_interpolation_reference_points():
     assert torch.allclose(far, clim.climatology.moments(t)[0][:, 20].float(), atol=1e-3)
     with pytest.raises(ValueError, match="width"):
         sbida.baselines.get("interpolation", task, width=-1.0)
+
+
+def test_baselines_that_never_integrate_estimate_a_simulators_output():
+    """On the Kolmogorov flow (vorticity state 64x64, velocity output 2x32x32) the climatology, the interpolation and
+    OI estimate the observed velocity; OI beats the climatology there, and the integrating baselines refuse."""
+    task = sbida.tasks.get("kolmogorov", n_trajectories=4, n_states=24, burn_in=2)
+    data = task.simulate(progress=False)
+    x, y, m, t = data.get(torch.tensor([5, 30, 55]))
+    rmse = {}
+    for name in ("climatology", "interpolation", "oi"):
+        b = sbida.baselines.get(name, task).fit(data)
+        assert b.state_shape == (2, 32, 32)
+        mean = b.posterior(y, m, t).mean()
+        assert mean.shape == x.shape and torch.isfinite(mean).all()
+        rmse[name] = float((mean - x).pow(2).mean().sqrt())
+    assert rmse["oi"] < 0.6 * rmse["climatology"]
+    for name in ("enks", "fourdvar"):
+        with pytest.raises(ValueError, match="integrates the observed state"):
+            sbida.baselines.get(name, task)

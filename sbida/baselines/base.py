@@ -37,7 +37,9 @@ class Baseline:
     """Base class: a classical method run on batches of windows.
 
     Args:
-        simulator: the dynamics ``x -> M(x)``; its state must be what is observed and inferred.
+        simulator: the dynamics ``x -> M(x)``; its state must be what is observed and inferred, except for the
+            baselines that never run it (``integrates = False``: climatology, interpolation, OI), which estimate its
+            output (e.g. the velocity of the Kolmogorov flow).
         observation: the (linear) observation model, bound to the simulator's state shape here.
         offsets: the window's times relative to the target, in saved states (increasing, containing 0).
         every: simulator steps between two saved states.
@@ -45,21 +47,24 @@ class Baseline:
     """
 
     name = "baseline"
+    integrates = True  # False: the method never runs the dynamics, so it may estimate a simulator's output
 
     def __init__(self, simulator: Simulator, observation: ObservationModel, offsets: Sequence[int], every: int = 1,
                  climatology: Climatology | None = None):
-        if tuple(simulator.state_shape) != tuple(simulator.output_shape):
-            raise ValueError(f"the baselines integrate the observed state; {type(simulator).__name__} has state "
-                             f"{simulator.state_shape} but output {simulator.output_shape} (use its truncated model)")
+        if self.integrates and tuple(simulator.state_shape) != tuple(simulator.output_shape):
+            raise ValueError(f"{type(self).__name__} integrates the observed state; {type(simulator).__name__} has "
+                             f"state {simulator.state_shape} but output {simulator.output_shape} (use its truncated "
+                             "model)")
         offsets = [int(o) for o in offsets]
         if not offsets or any(b <= a for a, b in zip(offsets, offsets[1:])) or 0 not in offsets:
             raise ValueError(f"offsets must be increasing integers containing 0 (the target), got {offsets}")
         if int(every) != every or every < 1:
             raise ValueError(f"every must be a positive integer number of simulator steps, got {every}")
-        self.simulator, self.observation = simulator, observation.bind(simulator.state_shape)
+        shape = tuple(simulator.state_shape if self.integrates else simulator.output_shape)
+        self.simulator, self.observation = simulator, observation.bind(shape)
         self.offsets, self.every = offsets, int(every)
         self.target_index = offsets.index(0)
-        self.state_shape = tuple(simulator.state_shape)
+        self.state_shape = shape
         self.obs_shape = tuple(self.observation.obs_shape)
         self.D, self.P = math.prod(self.state_shape), math.prod(self.obs_shape)
         self.H = self.observation.matrix(dtype=torch.float64)  # (P, D)

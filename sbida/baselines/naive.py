@@ -31,6 +31,7 @@ class ClimatologicalPrior(Baseline):
     """The climatological Gaussian at the target time, whatever the observations (see the module)."""
 
     name = "climatology"
+    integrates = False
 
     def posterior(self, y: Tensor, mask: Tensor, t: Tensor) -> GaussianPosterior:
         """Gaussian ``N(mu(t), C(t))`` for windows ``y, mask (B, T, *obs_shape)``, ``t (B,)`` (only ``t`` is used)."""
@@ -52,6 +53,7 @@ class Interpolation(Baseline):
     """
 
     name = "interpolation"
+    integrates = False
 
     def __init__(self, *args, width: float | None = None, floor: float = 1e-3, **kwargs):
         super().__init__(*args, **kwargs)

@@ -34,6 +34,7 @@ class OI(Baseline):
     """
 
     name = "oi"
+    integrates = False
 
     def posterior(self, y: Tensor, mask: Tensor, t: Tensor) -> GaussianPosterior:
         """Gaussian posterior of the target states.
