@@ -19,6 +19,7 @@ whose class refuses the task) is skipped with the reason its class gives.
 
     python benchmarks/run.py TASK [--quick | --smoke] [--out DIR] [--estimators npe score ...]
                              [--baselines climatology interpolation oi enks fourdvar] [--seed 0] [--threads N]
+                             [--windows N] [--samples M] [--timing-samples S] [--train-minutes MIN]
                              [key=value task overrides]
 """
 
@@ -218,7 +219,8 @@ def _time_one_window(method, test, index: int, n: int = 1000, seed: int = 0) -> 
 def run_benchmark(task: str, out: str | Path, mode: str = "full", estimators: list[str] | None = None,
                   baselines: list[str] | None = None, seed: int = 0, task_overrides: dict | None = None,
                   reference_cache: str | Path | None = None, progress: bool = True, echo: bool = True,
-                  report: bool = True) -> dict:
+                  report: bool = True, windows: int | None = None, samples: int | None = None,
+                  timing_samples: int = 1000, train_minutes: float | None = None) -> dict:
     """Train, fit, evaluate and time every method on the same test windows; write JSON and the HTML report.
 
     Args:
@@ -231,6 +233,10 @@ def run_benchmark(task: str, out: str | Path, mode: str = "full", estimators: li
         reference_cache: folder of the cached MCMC references (default ``<out>/reference-cache``).
         progress: progress bars; echo: print the log.
         report: write the HTML report.
+        windows, samples: test windows and samples per window (default: the mode's evaluation sizes).
+        timing_samples: samples drawn for the one-window timing (reported per 1000 samples, scaled linearly:
+            fewer keep the slow samplers of large states affordable).
+        train_minutes: training budget of each estimator in minutes (``max_time``; its epochs then unbounded).
 
     Returns:
         The benchmark record: ``rows`` (one per method: the table's values), ``skipped``, ``reference`` and the
@@ -240,6 +246,15 @@ def run_benchmark(task: str, out: str | Path, mode: str = "full", estimators: li
     from sbida.report.html import draw_examples
 
     cfg, skipped = benchmark_config(task, mode, estimators, baselines, seed, task_overrides, out)
+    if windows is not None:
+        cfg.evaluation.max_windows = int(windows)
+    if samples is not None:
+        cfg.evaluation.n_samples = int(samples)
+    if train_minutes is not None:
+        for spec in cfg.estimators.values():
+            spec.fit.update({"max_time": 60.0 * train_minutes, "epochs": 10**6, "patience": 10**6})
+    if timing_samples < 1:
+        raise ValueError(f"timing_samples must be >= 1, got {timing_samples}")
     if not cfg.estimators and not cfg.baselines:
         raise ValueError(f"no method applies to task {task!r}: {skipped}")
     run = Run(cfg, out=out, progress=progress, echo=echo)
@@ -262,7 +277,8 @@ def run_benchmark(task: str, out: str | Path, mode: str = "full", estimators: li
             results[label] = evaluate(method, test, n_samples=ev.n_samples, batch_size=ev.batch_size, reference=ref,
                                       seed=seed, progress=progress, coverage=ev.coverage, indices=idx,
                                       c2st_windows=ev.c2st_windows, name=label)
-        one_window[label] = _time_one_window(method, test, int(idx[0]), seed=seed)
+        one_window[label] = _time_one_window(method, test, int(idx[0]), n=timing_samples, seed=seed) \
+            * 1000 / timing_samples
         run.log(f"  {results[label]}")
     kinds = {lb: "estimator" for lb in cfg.estimators} | {lb: "baseline" for lb in cfg.baselines}
     metrics = {"run": cfg.name, "task": run.task.name, "seed": seed, "dataset": "data.json", "n_windows": len(idx),
@@ -364,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-cache", default=None, help="cache of the MCMC references (default OUT/reference-cache)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--windows", type=int, default=None, help="test windows (default: the mode's)")
+    p.add_argument("--samples", type=int, default=None, help="samples per test window (default: the mode's)")
+    p.add_argument("--timing-samples", type=int, default=1000,
+                   help="samples of the one-window timing (reported per 1000, scaled linearly)")
+    p.add_argument("--train-minutes", type=float, default=None, help="training budget of each estimator")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     if a.threads:
@@ -371,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     out = a.out or f"runs/benchmark-{a.task}-{mode}"
     record = run_benchmark(a.task, out, mode, a.estimators, a.baselines, a.seed, _parse_overrides(a.overrides),
-                           a.reference_cache, progress=not a.quiet, echo=not a.quiet, report=not a.no_report)
+                           a.reference_cache, progress=not a.quiet, echo=not a.quiet, report=not a.no_report,
+                           windows=a.windows, samples=a.samples, timing_samples=a.timing_samples,
+                           train_minutes=a.train_minutes)
     print(f"\n{a.task} ({mode}): {record['train_windows']} training windows, {record['test_windows']} test windows x "
           f"{record['n_samples']} samples; C2ST reference: {record['reference'] or 'none'}")
     print(format_table(record["rows"]))
