@@ -8,7 +8,9 @@ known noise level: :math:`\mu_x = \bar y`, :math:`\sigma_x^2 = \mathrm{var}(y) -
 
 - **Parameter tuning**: ``tune={"F": 6.0}`` turns simulator parameters into learnable ones started at the given
   values, optimized jointly with :math:`g` (their own learning rate ``param_lr``, no weight decay); the estimate
-  after every step is kept in :attr:`CODA.parameter_history`.
+  after every step is kept in :attr:`CODA.parameter_history`. Joint training biases them (the analyses' errors
+  grow along the rollouts; a damped model makes them grow less); :meth:`CODA.refine_parameters` then re-estimates
+  them by 4D-Var over windows with free initial states, which removes that bias.
 - **Closure learning**: ``closure={"hidden": 32, "layers": 2}`` adds a local network
   :math:`B_\psi(x_k)` (:class:`~sbida.estimators.coda_parts.LocalClosure`) to the tendency of the model inside RK4;
   on a two-scale task the model is the one-level truncation, so the trained :attr:`CODA.dynamics` is the hybrid
