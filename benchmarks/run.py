@@ -286,7 +286,7 @@ def run_benchmark(task: str, out: str | Path, mode: str = "full", estimators: li
                "methods": {lb: {"type": kinds[lb], "training_seconds": seconds.get(lb), **r.to_dict()}
                            for lb, r in results.items()}}
     run.path("metrics.json").write_text(json.dumps(metrics, indent=1))
-    if ev.examples > 0:
+    if report and ev.examples > 0:  # example samples are only drawn for the report
         ex_idx = idx[:ev.examples]
         samples = draw_examples(methods, test, ex_idx, n_samples=ev.example_samples, seed=seed)
         torch.save({"indices": ex_idx, "samples": samples}, run.path("examples.pt"))
