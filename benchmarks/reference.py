@@ -75,6 +75,43 @@ __all__ = ["MCMCReference", "SMCResult", "mala", "smc", "convergence", "smc_conv
 PriorFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
+def _drift(v: Tensor, g: Tensor, h: Tensor, S_half: Tensor) -> Tensor:
+    """``v + h/2 S g`` with ``S = S_half S_half^T``: ``v, g (C, B, D)``, ``h (B,)``, ``S_half (B, D, D)``."""
+    return v + 0.5 * h[None, :, None] * torch.einsum("bij,bkj,cbk->cbi", S_half, S_half, g)
+
+
+def _mala_step(value_and_grad: Callable[[Tensor], tuple[Tensor, Tensor, tuple[Tensor, ...]]], v: Tensor,
+               target: Tensor, g: Tensor, aux: tuple[Tensor, ...], h: Tensor, S_half: Tensor, S_half_inv: Tensor,
+               generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...], Tensor]:
+    """One preconditioned MALA step with its Metropolis-Hastings correction, for ``(C, B, D)`` chains.
+
+    Args:
+        value_and_grad: ``v -> (log target (C, B), its gradient (C, B, D), aux)``, ``aux`` a tuple of ``(C, B)``
+            values carried along with the accepted states.
+        v, target, g, aux: the current states and their values.
+        h: ``(B,)`` step sizes; S_half, S_half_inv: ``(B, D, D)`` Cholesky factor of the preconditioner and its inverse.
+        generator: random generator.
+
+    Returns:
+        The new ``v, target, g, aux`` and the acceptance rate per target ``(B,)``.
+    """
+
+    def log_q(to: Tensor, frm: Tensor, g_frm: Tensor) -> Tensor:  # log N(to; drift(frm), h S) up to a constant
+        r = torch.einsum("bij,cbj->cbi", S_half_inv, to - _drift(frm, g_frm, h, S_half))
+        return -0.5 * r.pow(2).sum(-1) / h[None]
+
+    xi = torch.randn(v.shape, generator=generator, dtype=v.dtype)
+    prop = _drift(v, g, h, S_half) + h.sqrt()[None, :, None] * torch.einsum("bij,cbj->cbi", S_half, xi)
+    target_p, g_p, aux_p = value_and_grad(prop)
+    log_alpha = torch.nan_to_num(target_p - target + log_q(v, prop, g_p) - log_q(prop, v, g), nan=-math.inf)
+    acc = torch.rand(log_alpha.shape, generator=generator, dtype=v.dtype).log() < log_alpha  # (C, B)
+    v = torch.where(acc[..., None], prop, v)
+    g = torch.where(acc[..., None], g_p, g)
+    target = torch.where(acc, target_p, target)
+    aux = tuple(torch.where(acc, a_p, a) for a_p, a in zip(aux_p, aux))
+    return v, target, g, aux, acc.to(v.dtype).mean(0)
+
+
 def mala(log_prob: Callable[[Tensor], Tensor], v0: Tensor, steps: int, warmup: int, thin: int = 1,
          generator: torch.Generator | None = None, progress: bool = False) -> tuple[Tensor, Tensor]:
     """Preconditioned MALA over ``(C, B, D)`` chains (``C`` chains of ``B`` independent targets).
@@ -98,41 +135,23 @@ def mala(log_prob: Callable[[Tensor], Tensor], v0: Tensor, steps: int, warmup: i
         raise ValueError(f"need steps >= 1, warmup >= 4 and thin >= 1, got {steps}, {warmup}, {thin}")
     C, B, D = v0.shape
 
-    def value_and_grad(v: Tensor) -> tuple[Tensor, Tensor]:
+    def value_and_grad(v: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         with torch.enable_grad():
             v = v.detach().requires_grad_(True)
             lp = log_prob(v)
             (g,) = torch.autograd.grad(lp.sum(), v)
-        return lp.detach(), g
+        return lp.detach(), g, ()
 
     eye = torch.eye(D, dtype=v0.dtype)
     S_half = eye.expand(B, D, D).clone()  # (B, D, D): S = S_half S_half^T
     S_half_inv = S_half.clone()
     log_h = torch.full((B,), math.log(0.1 / D ** (1 / 3)), dtype=v0.dtype)
-    v, (lp, g) = v0, value_and_grad(v0)
+    v, (lp, g, _) = v0, value_and_grad(v0)
     draws, accepted, warm = [], torch.zeros(B, dtype=v0.dtype), []
     half = warmup // 2  # first half: identity preconditioner; second half: the covariance of the first half's draws
 
-    def drift(v, g, h):  # v + h/2 S g, with S = S_half S_half^T
-        Sg = torch.einsum("bij,bkj,cbk->cbi", S_half, S_half, g)
-        return v + 0.5 * h[None, :, None] * Sg
-
-    def log_q(to, frm, g_frm, h):  # log N(to; drift(frm), h S) up to a constant shared by both directions
-        r = torch.einsum("bij,cbj->cbi", S_half_inv, to - drift(frm, g_frm, h))
-        return -0.5 * r.pow(2).sum(-1) / h[None]
-
     for it in tqdm(range(warmup + steps), desc="MALA", disable=not progress, leave=False):
-        h = log_h.exp()
-        xi = torch.randn(v.shape, generator=generator, dtype=v.dtype)
-        prop = drift(v, g, h) + h.sqrt()[None, :, None] * torch.einsum("bij,cbj->cbi", S_half, xi)
-        lp_p, g_p = value_and_grad(prop)
-        log_alpha = torch.nan_to_num(lp_p - lp + log_q(v, prop, g_p, h) - log_q(prop, v, g, h), nan=-math.inf)
-        u = torch.rand(log_alpha.shape, generator=generator, dtype=v.dtype)
-        acc = u.log() < log_alpha  # (C, B)
-        v = torch.where(acc[..., None], prop, v)
-        lp = torch.where(acc, lp_p, lp)
-        g = torch.where(acc[..., None], g_p, g)
-        rate = acc.to(v.dtype).mean(0)
+        v, lp, g, _, rate = _mala_step(value_and_grad, v, lp, g, (), log_h.exp(), S_half, S_half_inv, generator)
         if it < warmup:  # Robbins-Monro on log h, restarted with the preconditioner
             k = it if it < half else it - half
             log_h = log_h + 0.5 * (rate - 0.574) / math.sqrt(1 + k)
@@ -235,13 +254,6 @@ def smc(log_prior_and_likelihood: Callable[[Tensor], tuple[Tensor, Tensor]], v0:
     acc_sum, n_moves = torch.zeros(B, dtype=dt), 0
     bar = tqdm(total=100, desc="SMC", disable=not progress, leave=False)
 
-    def drift(x: Tensor, grad: Tensor, h: Tensor, S_half: Tensor) -> Tensor:  # x + h/2 S grad
-        return x + 0.5 * h[None, :, None] * torch.einsum("bij,bkj,nbk->nbi", S_half, S_half, grad)
-
-    def log_q(to: Tensor, frm: Tensor, g_frm: Tensor, h: Tensor, S_half: Tensor, S_half_inv: Tensor) -> Tensor:
-        r = torch.einsum("bij,nbj->nbi", S_half_inv, to - drift(frm, g_frm, h, S_half))
-        return -0.5 * r.pow(2).sum(-1) / h[None]
-
     while bool((b < 1).any()):
         if int(n_temp.max()) >= max_temperatures:
             raise RuntimeError(f"SMC needed more than {max_temperatures} temperatures (b = {b.tolist()})")
@@ -269,23 +281,15 @@ def smc(log_prior_and_likelihood: Callable[[Tensor], tuple[Tensor, Tensor]], v0:
         cov = cov + (1e-9 * cov.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-12)[:, None, None] * eye
         S_half = torch.linalg.cholesky(cov)
         S_half_inv = torch.linalg.inv(S_half)
-        lp, ll, g = evaluate(v, b)
-        target = lp + b * ll
 
+        def tempered(x: Tensor, b: Tensor = b) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+            lp_x, ll_x, g_x = evaluate(x, b)
+            return lp_x + b * ll_x, g_x, (lp_x, ll_x)
+
+        target, g, (lp, ll) = tempered(v)
         for _ in range(moves):
-            h = log_h.exp()
-            xi = torch.randn(v.shape, generator=generator, dtype=dt)
-            prop = drift(v, g, h, S_half) + h.sqrt()[None, :, None] * torch.einsum("bij,nbj->nbi", S_half, xi)
-            lp_p, ll_p, g_p = evaluate(prop, b)
-            target_p = lp_p + b * ll_p
-            log_alpha = target_p - target + log_q(v, prop, g_p, h, S_half, S_half_inv) \
-                - log_q(prop, v, g, h, S_half, S_half_inv)
-            log_alpha = torch.nan_to_num(log_alpha, nan=-math.inf)
-            acc = torch.rand(log_alpha.shape, generator=generator, dtype=dt).log() < log_alpha
-            v = torch.where(acc[..., None], prop, v)
-            lp, ll, target = (torch.where(acc, a_p, a) for a_p, a in ((lp_p, lp), (ll_p, ll), (target_p, target)))
-            g = torch.where(acc[..., None], g_p, g)
-            rate = acc.to(dt).mean(0)
+            v, target, g, (lp, ll), rate = _mala_step(tempered, v, target, g, (lp, ll), log_h.exp(), S_half,
+                                                      S_half_inv, generator)
             log_h = log_h + (rate - target_acceptance)
             acc_sum, n_moves = acc_sum + rate, n_moves + 1
         bar.update(int(100 * float(b.min())) - bar.n)
