@@ -366,7 +366,8 @@ def _parse_overrides(items: list[str]) -> dict:
     return over
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``run.py``; task overrides may come before or after the options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("task", help=f"a task: {', '.join(sbida.tasks.available())}")
     p.add_argument("overrides", nargs="*", help="task overrides section.key=value, e.g. simulator.K=8")
@@ -386,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="samples of the one-window timing (reported per 1000, scaled linearly)")
     p.add_argument("--train-minutes", type=float, default=None, help="training budget of each estimator")
     p.add_argument("--quiet", action="store_true")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_intermixed_args(argv)  # overrides may come after the options
     if a.threads:
         torch.set_num_threads(a.threads)
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"

@@ -176,3 +176,9 @@ def test_ablation_transforms_remove_time_and_mask():
     x1, y1, m1, t1 = ablations.without_mask(data).get(torch.arange(5))
     assert m1.all() and (~m).any() and torch.equal(t1, t)
     assert torch.equal(y1[m], y[m]) and (y1[~m] == 0).all()
+
+
+def test_run_py_takes_task_overrides_before_or_after_the_options():
+    for argv in (["lorenz96", "simulator.K=8", "--quick"], ["lorenz96", "--quick", "simulator.K=8", "--threads", "1"]):
+        a = bench.parser().parse_intermixed_args(argv)
+        assert (a.task, a.overrides, a.quick) == ("lorenz96", ["simulator.K=8"], True)

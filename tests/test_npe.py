@@ -199,6 +199,14 @@ def test_cosine_schedule_follows_the_clock_when_max_time_comes_first(tiny):
     assert hist["lr"][-1] < 5e-5 < hist["lr"][0]  # lr/100 = 1e-5 at the end of the budget
 
 
+def test_progress_bar_of_a_time_boxed_run_counts_the_share_of_the_budget(tiny, capsys):
+    """With max_time the bar shows percent of the budget (steps or time), not billions of unreachable steps."""
+    task, train, val = tiny
+    NPE(task, **SMALL).fit(train, val, epochs=10**6, steps_per_epoch=2, max_time=1.0, patience=None, progress=True)
+    err = capsys.readouterr().err
+    assert "% of the budget" in err and "100% of the budget" in err and "2000000" not in err
+
+
 def test_best_epoch_is_restored_and_early_stopping(tiny):
     task, train, val = tiny
     est = NPE(task, **SMALL)

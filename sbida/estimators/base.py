@@ -363,8 +363,13 @@ class Estimator(nn.Module):
             t0 = time.perf_counter() - elapsed0
             clock[0] = t0
             stop = start_epoch >= epochs or (patience is not None and bad >= patience)
-            bar = tqdm(total=(epochs - start_epoch) * steps, desc=f"{type(self).__name__}", unit="step",
-                       disable=not progress or stop or rank != 0, leave=False)
+            hide = not progress or stop or rank != 0
+            if max_time is None:
+                bar = tqdm(total=(epochs - start_epoch) * steps, desc=f"{type(self).__name__}", unit="step",
+                           disable=hide, leave=False)
+            else:  # steps or time, whichever runs out first: the bar shows the share of that budget used
+                bar = tqdm(total=100.0, desc=f"{type(self).__name__}", disable=hide, leave=False,
+                           bar_format="{desc}: {n:3.0f}% of the budget |{bar}| [{elapsed}<{remaining}{postfix}]")
             epoch = start_epoch
             while not stop:
                 self.train()
@@ -394,7 +399,7 @@ class Estimator(nn.Module):
                     if sched.last_epoch < total:
                         sched.step()
                     running, count = running + step_loss, count + 1
-                    bar.update()
+                    bar.update(1 if max_time is None else 100.0 * budget_used(epoch * steps + s + 1) - bar.n)
                     if late or (world == 1 and max_time is not None and time.perf_counter() - t0 > max_time):
                         break
                 train_loss = running / count
