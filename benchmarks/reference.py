@@ -565,13 +565,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--particles", type=int, default=1024, help="SMC particles per run")
     p.add_argument("--moves", type=int, default=10, help="SMC MALA moves per temperature")
     p.add_argument("--runs", type=int, default=4, help="independent SMC runs per window")
-    p.add_argument("--lead", type=int, default=0, help="saved states between the Gaussian prior and the window")
+    p.add_argument("--lead", type=int, default=20,
+                   help="saved states between the Gaussian prior and the window (20: 1 time unit, as run.py)")
+    p.add_argument("--compare", nargs="*", default=[], metavar="CHECKPOINT",
+                   help="estimators (saved with .save) to compare with the reference, window by window")
+    p.add_argument("--samples", type=int, default=1000, help="draws per side in the comparison")
+    p.add_argument("--gaussianity", action="store_true",
+                   help="only print how far simulated states are from their fitted Gaussian (the choice of --lead)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     import sbida
 
     task = sbida.tasks.get(a.task, K=a.K, n_trajectories=a.trajectories, n_states=a.states)
+    if a.gaussianity:
+        gaussianity(task.simulator)
+        return 0
     data = task.simulate(progress=False)
     _, _, test = data.split(0.8, 0.1, 0.1, seed=0)
     ref = MCMCReference.for_task(task, sampler=a.sampler, chains=a.chains, steps=a.steps, warmup=a.warmup,
@@ -596,7 +605,58 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  window {i}: t={float(t[j]):.2f}  R-hat {d['rhat']:.3f}  ESS {d['ess']:.0f}  acceptance "
               f"{d['acceptance']:.2f}  RMSE of the mean {float(err[j]):.3f}  spread {float(spread[j]):.3f}"
               f"  {d['seconds']:.1f} s{extra}")
+    if a.compare:
+        compare(a.compare, post, x, y, m, t, a.windows, a.samples)
     return 0
+
+
+def gaussianity(sim, n: int = 4000, times=(0.0, 0.3, 0.7, 1.0, 1.5, 3.0, 10.0), leads=(0.25, 0.5, 1.0, 2.0, 3.0),
+                attractor: float = 10.0, seed: int = 0) -> None:
+    """Print the C2ST AUC of ``n / 2`` simulated states against as many draws of their fitted Gaussian at each time
+    from the task's start, then of the attractor's states (at ``attractor``) against its fitted Gaussian carried
+    ``lead`` time units by the dynamics."""
+    import sbida
+
+    g = torch.Generator().manual_seed(seed)
+    x0 = sim.initial_state(n, generator=g)
+
+    def at(x, time_units):
+        steps = int(round(time_units / sim.dt))
+        return sim.rollout(x, steps, every=steps, check=False)[:, -1] if steps else x
+
+    def fitted(x):
+        return torch.distributions.MultivariateNormal(x.mean(0), torch.cov(x.T)).sample((len(x),))
+
+    h = n // 2
+    for tu in times:
+        xs = at(x0, tu)
+        print(f"t = {tu:g}: C2ST(states, their fitted Gaussian) = {sbida.diagnostics.c2st(xs[:h], fitted(xs)[:h]):.3f}")
+    xa = at(x0, attractor)
+    ga = fitted(xa)
+    for lead in leads:
+        auc = sbida.diagnostics.c2st(xa[:h], at(ga, lead)[:h])
+        print(f"lead {lead:g}: C2ST(attractor states, their fitted Gaussian carried {lead:g}) = {auc:.3f}")
+
+
+def compare(checkpoints: list[str], ref, x: Tensor, y: Tensor, m: Tensor, t: Tensor, windows: list[int],
+            n: int = 1000) -> None:
+    """Print, per estimator and window, the C2ST AUC of ``n`` draws against ``n`` reference draws, the offset of
+    the mean in reference standard deviations (averaged over cells) and the ratio of standard deviations."""
+    import sbida
+
+    rs = ref.sample(n, generator=torch.Generator().manual_seed(0))
+    sd = rs.std(0)
+    for path in checkpoints:
+        est = sbida.estimators.load(path)
+        s = est.posterior(y, m, t).sample(n, generator=torch.Generator().manual_seed(1))
+        print(f"{Path(path).stem} ({type(est).__name__}) against the reference, {n} draws each:")
+        for j, i in enumerate(windows):
+            auc = sbida.diagnostics.c2st(s[:, j], rs[:, j])
+            off = float(((s[:, j].mean(0) - rs[:, j].mean(0)) / sd[j]).abs().mean())
+            ratio = float((s[:, j].std(0) / sd[j]).mean())
+            err = float((s[:, j].mean(0) - x[j]).pow(2).mean().sqrt())
+            print(f"  window {i}: t={float(t[j]):.2f}  C2ST {auc:.3f}  |mean offset| {off:.2f} sd  std ratio "
+                  f"{ratio:.2f}  RMSE of the mean {err:.3f}")
 
 
 if __name__ == "__main__":
