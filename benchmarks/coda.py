@@ -6,14 +6,18 @@ What it measures (CPU, one run, figures printed as tables and written to JSON):
    observations only with ``alpha = 1`` and ``alpha = 0`` (the same budget), OI, EnKS (100 members, inflation
    tuned) and 4D-Var on the same held-out windows: RMSE of the mean, CRPS and coverage ECE (CODA's Laplace
    posterior), time per window and its ratio to CODA's. The cycled ETKF over the same test trajectories (all past
-   observations) is the reference of what unlimited information buys.
+   observations) is the reference of what unlimited information buys. CODA's Laplace factor is fitted on a separate
+   simulation (seed 1, 64 trajectories: observations only). ``--save DIR`` keeps the trained networks.
+   ``--only laplace --model PATH``: a saved network's Laplace posterior on the same windows, with the lags at and
+   after the target or the whole window, unscaled or scaled by the factor fitted on that separate simulation.
 2. Parameter tuning: ``F`` learned jointly with the network from starts 4, 6, 10 and 12 (data made at F=8), then
    refined by 4D-Var over 256 windows with free initial states (``CODA.refine_parameters``).
 3. Closure: on ``lorenz96-two-scale``, a local closure learned inside the truncated model; free-forecast RMSE of the
    hybrid and of the truncated model against the two-scale truth by lead time, and a plot of the learned ``B(x)``
    against the true mean coupling (``--plot PATH``).
 
-    python benchmarks/coda.py [--quick] [--minutes M] [--json PATH] [--plot PATH] [--only sparse tuning closure]
+    python benchmarks/coda.py [--quick] [--minutes M] [--json PATH] [--plot PATH] [--save DIR]
+        [--only sparse tuning closure laplace] [--model PATH]
 """
 
 from __future__ import annotations
@@ -32,12 +36,22 @@ from sbida.estimators import CODA
 from sbida.estimators.coda_parts import forecast_rmse
 
 
-def train_coda(task, train, minutes: float, steps: int, **hp) -> tuple[CODA, float]:
+def train_coda(task, train, minutes: float, steps: int, val=None, **hp) -> tuple[CODA, float]:
     est = CODA(task, channels=[32, 64, 128], rollout=hp.pop("rollout", 25), **hp)
     t0 = time.perf_counter()
-    est.fit(train, None, epochs=1, batch_size=32, lr=2e-3, steps_per_epoch=steps, max_time=60 * minutes,
-            progress=False)
+    est.fit(train, val, epochs=1, batch_size=32, lr=2e-3, steps_per_epoch=steps, max_time=60 * minutes,
+            progress=False, val_windows=512)
     return est, time.perf_counter() - t0
+
+
+def sparse_setup(quick: bool):
+    """``lorenz96-sparse``: the task, training and test trajectories, a separate simulation (seed 1) for CODA's
+    Laplace factor, the held-out windows and the samples per window."""
+    task = sbida.tasks.get("lorenz96-sparse", n_trajectories=64 if quick else 512, n_states=256 if quick else 512)
+    train, test = task.simulate(progress=False).split(0.875, 0.125)
+    calib = task.simulate(progress=False, n_trajectories=16 if quick else 64, seed=1)
+    idx = torch.linspace(0, len(test) - 1, 100 if quick else 400).long()
+    return task, train, calib, test, idx, 100 if quick else 500
 
 
 def evaluate_on(name, method, test, idx, n_samples) -> dict:
@@ -45,6 +59,7 @@ def evaluate_on(name, method, test, idx, n_samples) -> dict:
     m = res.metrics()
     per_window = (res.timings.get("posterior", 0.0) + res.timings.get("sampling", 0.0)) / len(idx)
     return {"rmse": m["rmse"], "crps": m["crps"], "ece": m["coverage_ece"], "spread_skill": m["spread_skill"],
+            "marginal_ece": m.get("marginal_ece"),
             "s_per_window": per_window}
 
 
@@ -56,7 +71,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None, help="PNG of the learned closure against the true coupling")
     parser.add_argument("--only", nargs="*", default=["sparse", "tuning", "closure"],
-                        choices=["sparse", "tuning", "closure"], help="the parts to run (default: all three)")
+                        choices=["sparse", "tuning", "closure", "laplace"],
+                        help="the parts to run (default: the first three)")
+    parser.add_argument("--save", default=None, help="folder for the CODA networks of the sparse part")
+    parser.add_argument("--model", default=None, help="a saved CODA network (laplace part)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quick = args.quick
@@ -68,15 +86,15 @@ def main() -> None:
 
     if "sparse" in args.only:
         # 1. lorenz96-sparse -------------------------------------------------------------------------------------------
-        task = sbida.tasks.get("lorenz96-sparse", n_trajectories=64 if quick else 512, n_states=256 if quick else 512)
-        train, test = task.simulate(progress=False).split(0.875, 0.125)
-        n_test = 100 if quick else 400
-        idx = torch.linspace(0, len(test) - 1, n_test).long()
-        n_samples = 100 if quick else 500
+        task, train, calib, test, idx, n_samples = sparse_setup(quick)
+        n_test = len(idx)
         rows = {}
         for alpha in (1.0, 0.0):
-            est, secs = train_coda(task, train, minutes, steps, alpha=alpha)
-            rows[f"CODA alpha={alpha:g}"] = evaluate_on("coda", est, test, idx, n_samples) | {"train_s": secs}
+            est, secs = train_coda(task, train, minutes, steps, val=calib, alpha=alpha)
+            if args.save:
+                est.save(os.path.join(args.save, f"coda_alpha{alpha:g}.pt"))
+            rows[f"CODA alpha={alpha:g}"] = (evaluate_on("coda", est, test, idx, n_samples)
+                                             | {"train_s": secs, "laplace_scale": float(est.laplace_scale)})
         oi = OI.from_task(task).fit(train)
         rows["OI"] = evaluate_on("oi", oi, test, idx, n_samples)
         enks = EnKS.from_task(task, members=100).fit(train)
@@ -96,6 +114,25 @@ def main() -> None:
                   f"{1e3 * r['s_per_window']:10.2f} {r['s_per_window'] / base:8.1f}")
         print(f"{'cycled ETKF, 40 members (reference)':34s} {cycled:7.3f}")
         out["sparse"] = rows | {"cycled_etkf_rmse": cycled}
+
+    if "laplace" in args.only:
+        if args.model is None:
+            parser.error("--only laplace needs --model PATH (a CODA network saved by --save)")
+        task, train, calib, test, idx, n_samples = sparse_setup(quick)
+        est = sbida.estimators.load(args.model)
+        rows = {}
+        for lags in ("forward", "window"):
+            est.hparams["laplace_lags"] = lags
+            for scaled in (False, True):
+                est.laplace_scale.fill_(1.0)
+                scale = est.calibrate_laplace(calib) if scaled else 1.0
+                rows[f"{lags}, factor {scale:.3f}"] = evaluate_on("coda", est, test, idx, n_samples)
+        print(f"\nCODA's Laplace posterior ({args.model}), {len(idx)} held-out windows, {n_samples} samples")
+        print(f"{'lags, factor':24s} {'RMSE':>7s} {'spr/skl':>7s} {'ECE':>6s} {'marg. ECE':>9s} {'CRPS':>7s}")
+        for name, r in rows.items():
+            print(f"{name:24s} {r['rmse']:7.3f} {r['spread_skill']:7.2f} {r['ece']:6.3f} {r['marginal_ece']:9.3f} "
+                  f"{r['crps']:7.3f}")
+        out["laplace"] = rows
 
     if "tuning" in args.only:
         # 2. parameter tuning ------------------------------------------------------------------------------------------

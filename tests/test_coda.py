@@ -14,6 +14,8 @@ from sbida.estimators.coda_parts import (
     coda_loss,
     forecast_rmse,
     gauss_newton_posterior,
+    observation_jacobians,
+    time_reversed,
 )
 from sbida.observations import RandomMask
 from sbida.simulators import Lorenz96
@@ -89,6 +91,23 @@ def test_gauss_newton_covariance_matches_autograd():
         assert torch.allclose(C[b], torch.linalg.inv(P), atol=1e-10)
 
 
+def test_backward_jacobians_invert_the_forward_ones():
+    """Past observations enter the Laplace covariance through the time-reversed simulator: its Jacobian over two
+    saved states is the inverse of the forward one (up to RK4's error), and it leaves the original untouched."""
+    sim = Lorenz96(8, dt=0.05, backend="reference")
+    x = sim.rollout(sim.initial_state(2, torch.Generator().manual_seed(0)).double(), 100, every=100)[:, -1]
+    obs = RandomMask(0.0, sigma=1.0).bind((8,))
+    back = time_reversed(sim)
+    assert back.dt == -0.05 and sim.dt == 0.05
+    J_back = observation_jacobians(sim, obs, x, [-2], 1)[:, 0]  # d x_{t-2} / d x_t (all observed)
+    x_prev = back.rollout(x, 2, check=False)[:, -1]
+    for b in range(2):
+        J_fwd = torch.autograd.functional.jacobian(lambda z: sim.rollout(z[None], 2, check=False)[0, -1], x_prev[b])
+        assert torch.allclose(J_back[b] @ J_fwd, torch.eye(8, dtype=torch.float64), atol=1e-3)
+    with pytest.raises(ValueError, match="no time step"):
+        time_reversed(torch.nn.Identity())
+
+
 def test_forecast_rmse_is_zero_from_the_truth_and_grows_from_an_error():
     sim = Lorenz96(40, dt=0.05)
     x0 = sim.rollout(sim.initial_state(8, torch.Generator().manual_seed(1)), 200, every=200)[:, -1]
@@ -144,6 +163,25 @@ def test_analysis_beats_oi_and_laplace_posterior(trained):
     assert torch.isfinite(std).all() and (std > 0).all() and float(std.mean()) < 1.0
     point = est.posterior(y, m, t, uncertainty="none")
     assert torch.equal(point.mean(), post.mean()) and torch.equal(point.std(), torch.zeros_like(x))
+
+
+def test_laplace_scale_fitted_on_observations_calibrates_the_spread(trained):
+    """The whole-window Gauss-Newton covariance, scaled by the factor estimated from the innovations after held-out
+    windows (no true state used), has the spread of the analysis error; unscaled it is far too narrow. Training
+    windows understate the factor."""
+    task, train, test, est = trained
+    assert float(est.laplace_scale) == 1.0  # fit() without val leaves it
+    calib, held = test.split(0.5, 0.5, seed=1)
+    x, y, m, t = held.get(torch.arange(0, len(held), 2))
+    est = copy.deepcopy(est)
+    scale = est.calibrate_laplace(calib)
+    assert scale > 1.5 * est.calibrate_laplace(train)
+    ratio = {}
+    for s in (scale, 1.0):
+        est.laplace_scale.fill_(s)
+        post = est.posterior(y, m, t)
+        ratio[s] = float(post.std().pow(2).mean().sqrt() / (post.mean() - x).pow(2).mean().sqrt())
+    assert 0.85 < ratio[scale] < 1.15 and ratio[1.0] < 0.7, ratio
 
 
 def test_save_and_load_give_the_same_analysis(trained, tmp_path):

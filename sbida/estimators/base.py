@@ -448,7 +448,12 @@ class Estimator(nn.Module):
             del model
             _dist.broadcast_module(self)  # the very same weights on every rank
         self.eval()
+        self.after_fit(train, val, seed)
         return history
+
+    def after_fit(self, train: WindowDataset, val: WindowDataset | None, seed: int) -> None:
+        """Called at the end of :meth:`fit`, with the best weights in place (e.g. CODA calibrates its Laplace
+        covariance there). Does nothing by default."""
 
     def _data_parallel(self) -> tuple[DistributedDataParallel, list[tuple[nn.Module, str, nn.Module]]]:
         """The estimator's loss wrapped in DistributedDataParallel (BatchNorm made SyncBatchNorm on GPU).

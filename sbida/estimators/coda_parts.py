@@ -16,6 +16,7 @@ observation mask and :math:`\hat x_{t+w} = g(y_{t+w+o_1:t+w+o_T})` the network's
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -25,7 +26,8 @@ from ..data import WindowDataset
 from ..observations import ObservationModel
 from ..simulators.base import Simulator
 
-__all__ = ["CODAWindows", "LocalClosure", "coda_loss", "gauss_newton_posterior", "forecast_rmse"]
+__all__ = ["CODAWindows", "LocalClosure", "coda_loss", "gauss_newton_posterior", "observation_jacobians",
+           "time_reversed", "forecast_rmse"]
 
 
 class CODAWindows:
@@ -139,6 +141,45 @@ def coda_loss(x_t: Tensor, x_tw: Tensor, y_roll: Tensor, m_roll: Tensor, simulat
     return loss, {"data": float(data.detach().mean()), "model": float(model.detach())}
 
 
+def time_reversed(simulator: Simulator) -> Simulator:
+    """A copy of ``simulator`` that integrates backwards (its time step ``dt`` negated).
+
+    Used over a few saved states only, to linearize the map from the target state to earlier ones: backward
+    integration of dissipative or chaotic dynamics amplifies errors, so long backward rollouts are not meaningful.
+    """
+    if not hasattr(simulator, "dt"):
+        raise ValueError(f"{type(simulator).__name__} has no time step dt to reverse")
+    back = copy.deepcopy(simulator)
+    back.dt = -float(simulator.dt)
+    return back
+
+
+def observation_jacobians(simulator: Simulator, observation: ObservationModel, x: Tensor, lags: list[int],
+                          every: int) -> Tensor:
+    r"""Jacobians :math:`J_i = \partial\, H\,\mathcal{M}^{(l_i)}(x) / \partial x` of the noiseless observations
+    ``lags[i]`` saved states from ``x``: forward rollouts for ``l >= 0``, rollouts of :func:`time_reversed` for
+    ``l < 0`` (their Jacobian is the inverse of the forward one up to the integrator's error). Entries whose
+    backward rollout is not finite are returned as NaN.
+
+    Args:
+        x: ``(B, D)`` flat 1-D states; lags: ``L`` lags in saved states; every: simulator steps per saved state.
+
+    Returns:
+        ``(B, L, M, D)`` with ``M`` the number of observed values per time.
+    """
+    fw, bw = max([0] + list(lags)), max([0] + [-lag for lag in lags])
+    back = time_reversed(simulator) if bw else None
+
+    def outputs(z: Tensor) -> Tensor:  # (D,) -> (L, M)
+        ahead = simulator.rollout(z[None], fw * every, every=every, check=False, output=True)[0]
+        behind = back.rollout(z[None], bw * every, every=every, check=False, output=True)[0] if back else None
+        states = torch.stack([ahead[lag] if lag >= 0 else behind[-lag] for lag in lags])
+        return observation.apply(states).flatten(1)
+
+    with torch.enable_grad():
+        return torch.vmap(torch.func.jacfwd(outputs))(x.detach())
+
+
 def gauss_newton_posterior(simulator: Simulator, observation: ObservationModel, x: Tensor, mask: Tensor,
                            lags: list[int], every: int, prior_var: Tensor) -> Tensor:
     r"""Laplace (Gauss-Newton) covariance of the state around ``x`` from the window's observations.
@@ -146,34 +187,27 @@ def gauss_newton_posterior(simulator: Simulator, observation: ObservationModel, 
     .. math:: C = \big(B^{-1} + \sum_{i} J_i^\top M_i^\top R^{-1} M_i J_i\big)^{-1},
         \quad J_i = \partial\, H\,\mathcal{M}^{(l_i)}(x) / \partial x,
 
-    where ``l_i >= 0`` are the lags of the window's observations that lie at or after the target (those the
-    forward model reaches from ``x``), :math:`M_i` selects the observed entries and :math:`B = \mathrm{diag}`
-    ``(prior_var)`` is a weak climatological background.
+    where ``l_i`` are the lags of the window's observations relative to the target (negative ones through
+    :func:`time_reversed`; see :func:`observation_jacobians`), :math:`M_i` selects the observed entries and
+    :math:`B = \mathrm{diag}` ``(prior_var)`` is a weak climatological background. Observations whose backward
+    rollout is not finite are left out.
 
     Args:
         simulator: the dynamics (state = output, e.g. Lorenz-96).
         observation: the observation model.
         x: ``(B, D)`` the estimates (flat 1-D states).
         mask: ``(B, L, *obs)`` the masks at the lags.
-        lags: ``L`` non-negative lags in saved states.
+        lags: ``L`` lags in saved states.
         every: simulator steps per saved state.
         prior_var: ``(D,)`` background variances.
 
     Returns:
         ``(B, D, D)`` covariance matrices.
     """
-    last = max(lags)
-    lag_idx = torch.tensor(lags)
-
-    def outputs(z: Tensor) -> Tensor:  # (D,) -> (L, M)
-        traj = simulator.rollout(z[None], last * every, every=every, check=False, output=True)[0]
-        return observation.apply(traj[lag_idx]).flatten(1)
-
-    with torch.enable_grad():
-        J = torch.vmap(torch.func.jacfwd(outputs))(x.detach())  # (B, L, M, D)
+    J = observation_jacobians(simulator, observation, x, lags, every)  # (B, L, M, D)
     B, D = x.shape
-    m = mask.flatten(2).to(x.dtype)[..., None]  # (B, L, M, 1)
-    Jm = (J * m).reshape(B, -1, D)
+    m = mask.flatten(2).to(x.dtype)[..., None] * torch.isfinite(J).all(-1, keepdim=True)  # (B, L, M, 1)
+    Jm = torch.where(m > 0, J, torch.zeros((), dtype=J.dtype)).reshape(B, -1, D)
     precision = Jm.transpose(1, 2) @ Jm / observation.sigma**2 + torch.diag_embed(1.0 / prior_var.to(x.dtype))
     return torch.cholesky_inverse(torch.linalg.cholesky(precision))
 
