@@ -274,14 +274,13 @@ class CODA(Estimator):
             cov = self._laplace_cov(x, batch.mask)  # (B, D, D)
             after = list(range(last + 1, last + n + 1))
             J = observation_jacobians(self.dynamics, self.observation_model, x, after, self.hparams["every"])
-            with torch.enable_grad():
-                pred = rollout_outputs(self.dynamics, x, last + n, self.hparams["every"], check=False)[:, after]
-            d = (yr[:, after].to(x.dtype) - self.observation_model.apply(pred)).flatten(2)
+            pred = rollout_outputs(self.dynamics, x, last + n, self.hparams["every"], check=False)[:, after]
+            d = (yr[:, after].to(x.dtype) - self.observation_model.apply(pred)).flatten(2)  # (B, n, M)
             m = mr[:, after].flatten(2) & torch.isfinite(J).all(-1) & torch.isfinite(d)
-            var = torch.einsum("blmd,bde,blme->blm", torch.nan_to_num(J), cov, torch.nan_to_num(J))
-            excess = (torch.where(m, d, 0).square().sum() - m.sum() * self.observation_model.sigma**2)
             if not bool(m.any()):
                 raise ValueError("no observation after the windows to calibrate the Laplace covariance with")
+            var = torch.einsum("blmd,bde,blme->blm", torch.nan_to_num(J), cov, torch.nan_to_num(J))  # J C J^T
+            excess = torch.where(m, d, 0).square().sum() - m.sum() * self.observation_model.sigma**2
             scale = float(excess / torch.where(m, var, 0).sum())
         finally:
             self.train(was)
