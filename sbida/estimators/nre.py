@@ -191,6 +191,16 @@ class NRE(Estimator):
             logdet = L.diagonal().log().sum()
         return -0.5 * z.square().sum(-1) - logdet - 0.5 * x.shape[-1] * _LOG_2PI
 
+    def precision_floor(self) -> float:
+        """The smallest precision of the fitted state marginal (standardized units): the floor of the Laplace
+        proposal's precisions, so that no direction of the proposal is wider than the prior. Where the classifier is
+        flat or convex, a lower floor makes the proposal far too wide: on ``lorenz96`` K=40 after 25 minutes of
+        training (40 windows x 200 samples), a floor of 0.01 gave samples with RMSE 7.0 and a MALA acceptance of
+        0.014; this floor (0.42 there) RMSE 2.45 and 0.52."""
+        L = self.marginal_tril
+        var = L.square() if L.dim() == 1 else torch.linalg.eigvalsh(L @ L.T)
+        return float(1.0 / var.max())
+
     def _proposal(self, hmap: Tensor) -> tuple[Tensor, Tensor]:
         """Location and scale ``(B, D)`` of the per-cell location-scale head over standardized flat states."""
         loc, raw = self.proposal_head(hmap).chunk(2, dim=1)
@@ -303,7 +313,8 @@ class NRE(Estimator):
                 else:
                     start = self.reference_mode(hmap, ref)
                     chunk = max(1, rows // D)
-                    parts = [_laplace(target(slice(i, i + chunk)), start[i:i + chunk], newton)
+                    floor = self.precision_floor()
+                    parts = [_laplace(target(slice(i, i + chunk)), start[i:i + chunk], newton, floor)
                              for i in range(0, B, chunk)]
                     cache["m"] = _Metric.cat(parts)
             return cache["m"]
