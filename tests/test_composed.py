@@ -42,6 +42,26 @@ def test_gaussian_correction_is_exact_for_gaussians():
             assert not torch.allclose(compose_eps(eps, 1 / var[:, None], (mu / sigma) ** 2, "none"), exact, atol=1e-2)
 
 
+def test_diagonal_composition_of_noisy_precisions_stays_a_weighted_mean():
+    """Estimated single-observation precisions below the prior's (noise of a learned Gaussian head): the composition
+    of identical noise predictions must return that prediction (weights summing to one), and the prior's weight
+    stays bounded by T - 1, however small the window precision ``sum_k P_k - (T - 1) P_0`` would be."""
+    g = torch.Generator().manual_seed(0)
+    T, D = 10, 40
+    p0 = torch.ones(D, dtype=torch.float64)
+    pk = p0 * (0.8 + 0.3 * torch.rand(T, D, generator=g, dtype=torch.float64))  # many below the prior's
+    precision = torch.cat([pk, p0[None]])[:, None]  # (T + 1, 1, D)
+    e = torch.randn(1, D, generator=g, dtype=torch.float64)
+    for r in (0.0, 0.5, 20.0):
+        same = compose_eps(e.expand(T + 1, 1, D), precision, r)
+        assert torch.allclose(same, e, atol=1e-12), r
+        # the composition is linear in the noises: its weights are its responses to unit noises
+        weights = torch.stack([compose_eps(torch.eye(T + 1, dtype=torch.float64)[:, k, None, None].expand(T + 1, 1, D),
+                                           precision, r) for k in range(T + 1)])
+        assert torch.allclose(weights.sum(0), torch.ones(1, D, dtype=torch.float64), atol=1e-12)
+        assert float(weights[T].min()) >= -(T - 1) - 1e-9 and float(weights[:T].max()) <= 1 + 1e-9, r
+
+
 def correlated_problem(T=4, B=3, D=6, seed=0):
     """Gaussian prior and T Gaussian likelihoods with full (correlated) precisions; the single-observation
     posteriors N(m_k, P_k^-1), the prior N(0, P_0^-1) and the window posterior N(m, P^-1)."""
