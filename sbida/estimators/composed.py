@@ -395,17 +395,14 @@ class ComposedScore(Estimator):
             comp = FullComposition(denoiser_precision(row_eps, mean.flatten(1), self.schedule, snr=PRECISION_SNR,
                                                       rows=int(self.hparams["sample_rows"])).unflatten(0, (T + 1, B)))
         prec = torch.exp(-logvar).unflatten(0, (T + 1, B))  # (T+1, B, *state)
-        ctx, vec = ctx.unflatten(0, (T + 1, B)), vec.unflatten(0, (T + 1, B))
+        # the (T + 1) B conditions, rows (k, b): their share of the network computed once, not at every step
+        net = self.net.conditioned(tt, ctx, vec)
 
         def make(n: int):
-            c = ctx[:, None].expand(T + 1, n, *ctx.shape[1:]).flatten(0, 2)  # rows (k, i, b)
-            v = vec[:, None].expand(T + 1, n, *vec.shape[1:]).flatten(0, 2)
-            t = batch.t.repeat((T + 1) * n)
-
             def eps_fn(x: Tensor, s: Tensor) -> Tensor:
-                N = x.shape[0]
-                xs = x[None].expand(T + 1, *x.shape).flatten(0, 1)
-                e = self.net(xs, s[:1].expand((T + 1) * N), t, c, v).reshape(T + 1, n, B, *self.state_shape)
+                N = x.shape[0]  # rows (i, b) -> (i, k, b), sample-major as the conditioned network wants
+                xs = x.reshape(n, 1, B, *self.state_shape).expand(n, T + 1, B, *self.state_shape).flatten(0, 2)
+                e = net(xs, s[:1].expand((T + 1) * N)).reshape(n, T + 1, B, *self.state_shape).transpose(0, 1)
                 r = (self.schedule.mu(s[0]) / self.schedule.sigma(s[0])).square()
                 if full:
                     return comp(e.flatten(3), r).reshape(x.shape)
