@@ -21,18 +21,10 @@ import json
 import time
 
 import torch
+from linear_gaussian import independent_windows
 
 import sbida
 from sbida.estimators import NRE
-
-
-def independent_windows(task, n: int, seed: int):
-    """``task.independent_windows`` (one window of each of ``n`` fresh trajectories) and the exact posterior's mean
-    ``(n, K)`` and covariance ``(n, K, K)`` in float64."""
-    x, y, m, t = task.independent_windows(n, seed)
-    mean, cov = task.simulator.exact_posterior(y, m, t, task.observation, task.window.offsets(),
-                                               every=task.config.data.save_every)
-    return x, y, m, t, mean, cov
 
 
 def measure(est: NRE, task, x, y, m, t, mean, cov, n_samples: int = 500, n_c2st: int = 8) -> dict:

@@ -14,6 +14,7 @@ import sbida
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import ablations  # noqa: E402
+import linear_gaussian  # noqa: E402
 import reference  # noqa: E402
 import run as bench  # noqa: E402
 import scaling  # noqa: E402
@@ -182,3 +183,27 @@ def test_run_py_takes_task_overrides_before_or_after_the_options():
     for argv in (["lorenz96", "simulator.K=8", "--quick"], ["lorenz96", "--quick", "simulator.K=8", "--threads", "1"]):
         a = bench.parser().parse_intermixed_args(argv)
         assert (a.task, a.overrides, a.quick) == ("lorenz96", ["simulator.K=8"], True)
+
+
+class _Gaussian:
+    """A stand-in estimator whose posterior is a given Gaussian (float32) for every window."""
+
+    def __init__(self, mean, cov):
+        self.mean, self.cov = mean.float(), cov.float()
+
+    def posterior(self, y, m, t):
+        dist = torch.distributions.MultivariateNormal(self.mean, self.cov)
+        return sbida.posterior.DistributionPosterior(dist, (self.mean.shape[-1],))
+
+
+def test_linear_gaussian_measure_passes_the_exact_posterior_and_fails_a_shifted_one():
+    """The accuracy figures of benchmarks/linear_gaussian.py: the exact posterior meets every target (RMSE ratio near
+    1, ECE and AUC small); the same posterior shifted by one standard deviation of each variable fails them."""
+    task = sbida.tasks.get("linear-gaussian")
+    x, y, m, t, mean, cov = linear_gaussian.independent_windows(task, 200, seed=3)
+    exact = linear_gaussian.measure(_Gaussian(mean, cov), x, y, m, t, mean, cov, n_samples=300, n_c2st=4)
+    assert abs(exact["rmse_ratio"] - 1) < 0.03 and exact["ece"] < 0.05 and exact["auc"] < 0.6, exact
+    assert abs(exact["variance_ratio"] - 1) < 0.05, exact
+    sd = torch.diagonal(cov, dim1=-2, dim2=-1).sqrt()
+    shifted = linear_gaussian.measure(_Gaussian(mean + sd, cov), x, y, m, t, mean, cov, n_samples=300, n_c2st=4)
+    assert shifted["rmse_ratio"] > 1.15 and shifted["ece"] > 0.05 and shifted["auc"] > 0.65, shifted
