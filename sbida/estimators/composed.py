@@ -104,7 +104,7 @@ def compose_eps(eps: Tensor, precision: Tensor, r: Tensor | float, correction: s
     p0 = precision[T]
     # likelihood precisions P_k - P_0 projected on >= 0 (a likelihood cannot lower the precision): the weights then
     # sum to one and the prior's weight is at most T - 1 in magnitude, however noisy the estimated precisions
-    p = torch.cat([p0 + (precision[:T] - p0).clamp_min(0), p0.expand(1, *p0.shape)])
+    p = torch.cat([p0 + (precision[:T] - p0).clamp_min(0), p0[None]])
     post = p[:T].sum(0) + (1 - T) * p0
     return (w * (p + r) * eps).sum(0) / (post + r)
 
