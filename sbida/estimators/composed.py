@@ -88,7 +88,7 @@ def compose_eps(eps: Tensor, precision: Tensor, r: Tensor | float, correction: s
     Args:
         eps: ``(T + 1, *batch)`` noise predictions of the ``T`` single-observation posteriors, then of the prior.
         precision: ``(T + 1, *batch)`` (or broadcastable) diagonal precisions ``S_k^{-1}`` of their Gaussian
-            approximations (at diffusion time 0, standardized units).
+            approximations (at diffusion time 0, standardized units); ``S_k^{-1} - S_0^{-1}`` is clipped at zero.
         r: ``mu_s^2 / sigma_s^2`` at the current diffusion time.
         correction: ``"gauss"`` (precision-weighted, Linhart et al.) or ``"none"`` (``sum_k eps_k - (T-1) eps_0``).
 
