@@ -40,7 +40,7 @@ def independent_windows(task, n: int, seed: int):
     return x, y, m, t, mean, cov
 
 
-def measure(est, x, y, m, t, mean, cov, n_samples: int = 500, n_c2st: int = 8, seed: int = 0,
+def measure(est, x, y, m, t, mean, cov, n_samples: int = 500, n_c2st: int = 8, seed: int = 0, post=None,
             **sample_options) -> dict:
     """RMSE ratio, joint and marginal ECE and C2ST AUC of a trained estimator against the exact posterior.
 
@@ -50,11 +50,12 @@ def measure(est, x, y, m, t, mean, cov, n_samples: int = 500, n_c2st: int = 8, s
             exact posteriors.
         n_samples: samples per window (coverage, RMSE of the sample mean, C2ST).
         n_c2st: windows of the C2ST (the first ones).
+        post: the posterior of these windows, if already made (e.g. to read more from it afterwards).
         sample_options: options of ``est.posterior`` (e.g. ``steps``, ``mode``).
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        post = est.posterior(y, m, t, **sample_options)
+        post = est.posterior(y, m, t, **sample_options) if post is None else post
         t0 = time.perf_counter()
         s = post.sample(n_samples, generator=g)
         sample_s = time.perf_counter() - t0
@@ -65,7 +66,7 @@ def measure(est, x, y, m, t, mean, cov, n_samples: int = 500, n_c2st: int = 8, s
     rmse = (s.mean(0).double() - x).pow(2).mean().sqrt()
     rmse_exact = (mean - x).pow(2).mean().sqrt()
     return {"rmse_ratio": float(rmse / rmse_exact), "ece": res.ece, "coverage_method": res.method,
-            "marginal_ece": res.marginal_ece, "auc": sum(auc) / len(auc), "auc_max": max(auc),
+            "max_gap": res.max_gap, "marginal_ece": res.marginal_ece, "auc": sum(auc) / len(auc), "auc_max": max(auc),
             "variance_ratio": float(s.double().var(0).mean() / torch.diagonal(cov, dim1=-2, dim2=-1).mean()),
             "sample_s": sample_s, "windows": len(x), "samples": n_samples}
 
