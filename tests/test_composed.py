@@ -130,6 +130,30 @@ def test_linear_simulator_gives_the_observation_operators_of_past_and_future_lag
     assert ComposedScore(l96, mode="guided", **SMALL).linear_operators([-1, 0]) is None  # nonlinear: forward only
 
 
+def test_full_head_is_translation_equivariant_and_its_precisions_positive_definite():
+    """The factor rows v_i come from offsets j - i: rolling the context by s cells rolls V along both axes, so a
+    linear observation propagator (the same kernel around every observed cell) is expressible; the precisions of
+    the prior and of single observations are symmetric positive definite, the likelihood parts semidefinite."""
+    task = sbida.tasks.get("linear-gaussian")
+    torch.manual_seed(0)
+    est = ComposedScore(task, precision="full", **SMALL)
+    assert est._full_head() and ComposedScore(task, precision="auto", **SMALL)._full_head()
+    ctx = torch.randn(3, SMALL["channels"] + 1, 32)
+    tt = torch.rand(3)
+    with torch.no_grad():
+        _, logvar, V = est.gaussian(ctx, tt, factor=True)
+        _, _, Vs = est.gaussian(ctx.roll(5, -1), tt, factor=True)
+    assert V.shape == (3, 32, 32) and V.abs().max() > 0
+    torch.testing.assert_close(Vs, V.roll((5, 5), (-2, -1)))
+    P0 = ComposedScore.full_precision(logvar, V)
+    P = ComposedScore.full_precision(logvar, V, V.flip(0))
+    for M in (P0, P, P - P0):
+        torch.testing.assert_close(M, M.mT)
+    assert torch.linalg.eigvalsh(P0).min() > 0 and torch.linalg.eigvalsh(P - P0).min() > -1e-4
+    with pytest.raises(ValueError, match="1-D state"):
+        ComposedScore(sbida.tasks.get("kolmogorov", n_trajectories=2, n_states=12), precision="full", **SMALL)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     task = sbida.tasks.get("lorenz96", K=8, n_trajectories=8, n_states=40)

@@ -14,22 +14,27 @@ mean of the single-observation denoisers)
           \hat\varepsilon_0 \Big), \qquad P_{k,s} = S_k^{-1} + \frac{\mu_s^2}{\sigma_s^2} I, \qquad
           \Lambda_s = \sum_k P_{k,s} + (1 - T) P_{0,s}.
 
-Two kinds of precisions. ``precision="diag"`` (the default): a Gaussian head on the same single-observation context
-predicts the marginal mean and log-variance of ``x`` (trained by its negative log-likelihood next to the score loss);
-the precisions are **diagonal**, and the likelihood parts ``S_k^{-1} - S_0^{-1}`` are clipped at zero, so that the
-weights of the composition sum to one and the prior's is at most ``T - 1`` in magnitude. (Without the clipping,
-estimated ``S_k^{-1}`` below ``S_0^{-1}`` made ``Lambda_s`` small or negative; the weights then summed to a negative
-number, the composed score pushed samples away from the data, and lorenz96 K=40 samples diverged to RMSE 240.)
-``precision="full"`` (``"auto"``: full up to ``FULL_MAX`` state values): the precision of each
-single-observation posterior and of the prior is read once per window from the Jacobian of its noise prediction
-(Tweedie: for ``N(m, S)``, ``d eps / d x_s = sigma_s (mu_s^2 S + sigma_s^2 I)^{-1}``, taken at
-``mu_s^2 / sigma_s^2 = PRECISION_SNR``), the likelihood parts ``S_k^{-1} - S_0^{-1}`` are projected on the positive
-semidefinite cone, and ``Lambda_s`` is solved through one eigendecomposition per window (:class:`FullComposition`).
-With exact scores the full composition is exact however correlated the cells; on the linear-Gaussian task with exact
+Three kinds of precisions, all from quantities computed once per window. ``precision="diag"`` (the default): a
+Gaussian head on the same single-observation context predicts the marginal mean and log-variance of ``x`` (trained
+by its negative log-likelihood next to the score loss); the precisions are **diagonal**, and the likelihood parts
+``S_k^{-1} - S_0^{-1}`` are clipped at zero, so that the weights of the composition sum to one and the prior's is at
+most ``T - 1`` in magnitude. (Without the clipping, estimated ``S_k^{-1}`` below ``S_0^{-1}`` made ``Lambda_s``
+small or negative; the weights then summed to a negative number, the composed score pushed samples away from the
+data, and lorenz96 K=40 samples diverged to RMSE 240.) ``precision="full"`` (``"auto"``: full for 1-D states of
+up to ``FULL_MAX`` cells, diagonal otherwise): the head predicts **full** precisions, the prior's as
+``P_0 = diag(exp(-logvar_0)) + V_0^T V_0`` and a single observation's as ``P_0 + V_k^T V_k``, trained by the full
+Gaussian negative log-likelihood. The rows ``v_i`` of ``V`` come from a convolution that gives, at each cell ``i``,
+a vector over the offsets ``j - i`` (translation equivariant); a linear observation of the cells ``i`` through a
+propagator ``G`` has exactly this form (``v_i = g_i / sigma_y`` where cell ``i`` is observed, zero elsewhere), and
+the likelihood parts are positive semidefinite by construction. The composition then runs through
+:class:`FullComposition`. ``precision="jacobian"``: full precisions read once per window from the Jacobian of each
+noise prediction (Tweedie: for ``N(m, S)``, ``d eps / d x_s = sigma_s (mu_s^2 S + sigma_s^2 I)^{-1}``, taken at
+``mu_s^2 / sigma_s^2 = PRECISION_SNR``), with the likelihood parts projected on the positive semidefinite cone.
+With exact scores a full composition is exact however correlated the cells; on the linear-Gaussian task with exact
 Gaussian scores (16 steps) the diagonal one leaves the samples 1.7x too broad (variance), the full one 0.98x. With a
-trained network, though, the Jacobian-based precisions are noisy (the prior's precision spans five decades there) and
-the diagonal composition was the better of the two (variance 2.3x against 4.6x): network errors of the ``T + 1``
-scores add up in the composition, which is the limit of this mode. Langevin correction steps follow each predictor
+trained network the Jacobian-based precisions are noisy (the prior's precision spans five decades there) and were
+worse than the diagonal ones (variance 2.3x against 4.6x). Network errors of the ``T + 1`` scores add up in the
+composition, which is the limit of this mode. Langevin correction steps follow each predictor
 step. Any number of observation times, at any lags, may be composed at inference: the window length may differ from
 training's.
 
@@ -192,7 +197,8 @@ class ComposedScore(Estimator):
 
     Hyperparameters (``ComposedScore.defaults``): ``mode`` (``"composed"`` or ``"guided"``), ``p_drop`` (condition
     dropout), ``correction`` (``"gauss"``: Linhart et al.'s Gaussian correction, or ``"none"``: the plain sum),
-    ``precision`` (``"full"``, ``"diag"`` or ``"auto"``: full up to ``FULL_MAX`` state values), ``gamma``
+    ``precision`` (``"diag"``, ``"full"``: a full-precision Gaussian head, ``"auto"``: full for 1-D states up to
+    ``FULL_MAX`` cells, or ``"jacobian"``: full precisions from the network's Jacobians; see the module), ``gamma``
     (guidance variance factor), ``guidance`` (``"sda"``, ``"tweedie"`` or ``"auto"``: tweedie for linear
     simulators), encoder ``channels``, ``depth``, ``kernel_size``, ``features``, ``emb_features``; U-Net
     ``unet_channels``, ``blocks``; sampler ``steps``, ``corrections``, ``tau``; schedule ``sigma_min``,
@@ -227,8 +233,8 @@ class ComposedScore(Estimator):
             raise ValueError(f"mode must be 'composed' or 'guided', got {h['mode']!r}")
         if h["correction"] not in ("gauss", "none"):
             raise ValueError(f"correction must be 'gauss' or 'none', got {h['correction']!r}")
-        if h["precision"] not in ("auto", "full", "diag"):
-            raise ValueError(f"precision must be 'auto', 'full' or 'diag', got {h['precision']!r}")
+        if h["precision"] not in ("auto", "full", "diag", "jacobian"):
+            raise ValueError(f"precision must be 'auto', 'full', 'diag' or 'jacobian', got {h['precision']!r}")
         if h["guidance"] not in ("sda", "tweedie", "auto"):
             raise ValueError(f"guidance must be 'sda', 'tweedie' or 'auto', got {h['guidance']!r}")
         if not 0 <= h["p_drop"] <= 1:
@@ -244,6 +250,8 @@ class ComposedScore(Estimator):
                                              nn.Linear(h["emb_features"], h["emb_features"]), nn.SiLU())
             self.gauss_block = ResBlock(dim, C + 1, C, h["emb_features"], h["kernel_size"])
             self.gauss_head = periodic_conv(dim, C, 2 * self.encoder.state_channels, 3)
+            if self._full_head():  # the rows v_i of the likelihood factor, in offsets from their cell i
+                self.factor_head = periodic_conv(dim, C, self.state_shape[0], 3)
             self.net = ScoreNet(self.state_shape, C + 1, h["features"], channels=h["unet_channels"],
                                 blocks=h["blocks"], emb_features=h["emb_features"], schedule=self.schedule)
         else:
@@ -265,11 +273,48 @@ class ComposedScore(Estimator):
         ind = k.reshape(N, 1, *([1] * (hmap.dim() - 2))).expand(N, 1, *hmap.shape[2:])
         return torch.cat([hmap, ind], 1), vec * k[:, None]
 
-    def gaussian(self, ctx: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Marginal mean and log-variance ``(N, *state)`` of the Gaussian approximation of one context."""
-        out = self.gauss_head(F.silu(self.gauss_block(ctx, self.t_embedding(t))))
-        mean, logvar = out.chunk(2, dim=1)
-        return mean.reshape(-1, *self.state_shape), logvar.clamp(-12, 6).reshape(-1, *self.state_shape)
+    def _full_head(self) -> bool:
+        """Whether the Gaussian head has full precisions (``precision`` "full", or "auto" where it can)."""
+        p = self.hparams["precision"]
+        ok = self.hparams["mode"] == "composed" and len(self.state_shape) == 1 and self.state_shape[0] <= FULL_MAX
+        if p == "full" and not ok:
+            raise ValueError(f"precision 'full' needs a composed-mode model of a 1-D state of at most {FULL_MAX} "
+                             f"cells, got state shape {self.state_shape}: use 'diag'")
+        return p == "full" or (p == "auto" and ok)
+
+    def gaussian(self, ctx: Tensor, t: Tensor, factor: bool = False):
+        """Gaussian approximation of the distribution of one context (standardized units).
+
+        Args:
+            ctx: ``(N, C+1, *grid)`` contexts (:meth:`contexts`); t: ``(N,)`` standardized times.
+            factor: also return the likelihood factor ``V (N, K, K)`` of the full head (``precision="full"``).
+
+        Returns:
+            ``mean, logvar`` ``(N, *state)`` (and ``V``). With the full head the precision of a single observation
+            is ``P_0 + V^T V`` and that of the prior ``P_0 = diag(exp(-logvar_0)) + V_0^T V_0`` (its own row):
+            see :meth:`full_precision`.
+        """
+        hid = F.silu(self.gauss_block(ctx, self.t_embedding(t)))
+        mean, logvar = self.gauss_head(hid).chunk(2, dim=1)
+        mean, logvar = mean.reshape(-1, *self.state_shape), logvar.clamp(-12, 6).reshape(-1, *self.state_shape)
+        if not factor:
+            return mean, logvar
+        R = self.factor_head(hid)  # (N, K offsets, K cells): row i of V is R[:, (j - i) mod K, i] over j
+        N, K = R.shape[0], R.shape[-1]
+        cells = torch.arange(K, device=R.device)
+        offsets = (cells[None, :] - cells[:, None]) % K
+        return mean, logvar, R.transpose(1, 2).gather(2, offsets.expand(N, K, K)) / math.sqrt(K)
+
+    @staticmethod
+    def full_precision(logvar0: Tensor, V0: Tensor, V: Tensor | None = None) -> Tensor:
+        """Full precisions ``(..., D, D)`` of the head: the prior's ``diag(exp(-logvar0)) + V0^T V0`` plus, for a
+        single observation, its likelihood part ``V^T V`` (positive semidefinite by construction).
+
+        Args:
+            logvar0: ``(..., D)``; V0, V: ``(..., K, D)`` factors of the prior and of the observation.
+        """
+        P = torch.diag_embed(torch.exp(-logvar0)) + V0.mT @ V0
+        return P if V is None else P + V.mT @ V
 
     def loss(self, batch: Batch) -> Tensor:
         """Denoising score matching of single observations (or of the prior), plus the Gaussian head's NLL."""
@@ -282,8 +327,14 @@ class ComposedScore(Estimator):
         keep = torch.rand(B, device=batch.y.device) >= self.hparams["p_drop"]
         lags = torch.as_tensor(self.lags, device=batch.y.device)[k]
         ctx, vec = self.contexts(batch.y[rows, k], batch.mask[rows, k], batch.t, lags, keep)
-        mean, logvar = self.gaussian(ctx, batch.t)
-        nll = 0.5 * (logvar + (batch.x - mean).square() * torch.exp(-logvar)).mean()
+        if self._full_head():  # the prior's context beside each row: P = P_0 + V^T V (P_0 alone for dropped rows)
+            mean, logvar, V = self.gaussian(torch.cat([ctx, torch.zeros_like(ctx)]), batch.t.repeat(2), factor=True)
+            P = self.full_precision(logvar[B:], V[B:], V[:B] * keep.to(V.dtype)[:, None, None])
+            d = (batch.x - mean[:B]).flatten(1)
+            nll = 0.5 * ((d[:, None] @ P @ d[:, :, None]).flatten() - torch.logdet(P)).mean() / d.shape[1]
+        else:
+            mean, logvar = self.gaussian(ctx, batch.t)
+            nll = 0.5 * (logvar + (batch.x - mean).square() * torch.exp(-logvar)).mean()
         return dsm_loss(lambda xs, s: self.net(xs, s, batch.t, ctx, vec), batch.x, self.schedule) + nll
 
     def prior_eps(self, x: Tensor, s: Tensor, t: Tensor) -> Tensor:
@@ -384,11 +435,16 @@ class ComposedScore(Estimator):
         keep = torch.arange((T + 1) * B, device=self.device) < T * B
         tt = batch.t.repeat(T + 1)
         ctx, vec = self.contexts(y, m, tt, lag, keep)
-        mean, logvar = self.gaussian(ctx, tt)
-        D = math.prod(self.state_shape)
-        full = correction == "gauss" and (self.hparams["precision"] == "full" or (
-            self.hparams["precision"] == "auto" and D <= FULL_MAX))
-        if full:
+        head = correction == "gauss" and self._full_head()
+        if head:
+            mean, logvar, V = self.gaussian(ctx, tt, factor=True)
+            V = V.unflatten(0, (T + 1, B))
+            P0 = self.full_precision(logvar[T * B:], V[T])
+            comp = FullComposition(torch.cat([P0 + V[:T].mT @ V[:T], P0[None]]))
+        else:
+            mean, logvar = self.gaussian(ctx, tt)
+        full = head or (correction == "gauss" and self.hparams["precision"] == "jacobian")
+        if full and not head:
             def row_eps(xs: Tensor, rows: Tensor, s: Tensor) -> Tensor:
                 return self.net(xs.reshape(-1, *self.state_shape), s, tt[rows], ctx[rows], vec[rows]).flatten(1)
 
