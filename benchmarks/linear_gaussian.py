@@ -7,7 +7,9 @@ exact (Kalman) posterior:
 
 - RMSE of the posterior mean over the exact posterior's (1 is the best possible; target <= 1.15);
 - ECE of the joint coverage (highest-density regions where the posterior has ``log_prob``, distance ranks otherwise;
-  target <= 0.05) and of the per-variable central intervals;
+  target <= 0.05) and of the per-variable central intervals, beside the ECE of the exact posterior on the same
+  windows with the same statistic (``ece_exact``): the noise floor of the figure. A perfect posterior scores about
+  0.023 on 200 windows (95 % of seeds below 0.042) and 0.010 on 1000, so use at least 400 windows against the target;
 - C2ST ROC-AUC of the estimator's samples against exact samples, mean over the first ``--c2st`` windows (0.5 is
   perfect; target <= 0.65);
 - training and sampling wall times (noisy on a shared machine).
@@ -60,13 +62,19 @@ def measure(est, x, y, m, t, mean, cov, n_samples: int = 500, n_c2st: int = 8, s
         s = post.sample(n_samples, generator=g)
         sample_s = time.perf_counter() - t0
         res = sbida.diagnostics.expected_coverage(post, x.float(), samples=s)
+    # the exact posterior's ECE on the same windows with the same statistic: the noise floor of the ECE (a perfect
+    # posterior scores about 0.023 on 200 windows, 0.016 on 400, 0.010 on 1000)
+    exact_post = sbida.posterior.GaussianPosterior(mean.float(), cov.float())
+    floor = sbida.diagnostics.expected_coverage(exact_post, x.float(), n_samples=n_samples, method=res.method,
+                                                generator=torch.Generator().manual_seed(seed + 1))
     exact = torch.distributions.MultivariateNormal(mean[:n_c2st], cov[:n_c2st])
     ref = exact.sample((n_samples,)).float()
     auc = [sbida.diagnostics.c2st(s[:, b], ref[:, b]) for b in range(min(n_c2st, len(x)))]
     rmse = (s.mean(0).double() - x).pow(2).mean().sqrt()
     rmse_exact = (mean - x).pow(2).mean().sqrt()
-    return {"rmse_ratio": float(rmse / rmse_exact), "ece": res.ece, "coverage_method": res.method,
-            "max_gap": res.max_gap, "marginal_ece": res.marginal_ece, "auc": sum(auc) / len(auc), "auc_max": max(auc),
+    return {"rmse_ratio": float(rmse / rmse_exact), "ece": res.ece, "ece_exact": floor.ece,
+            "coverage_method": res.method, "max_gap": res.max_gap, "marginal_ece": res.marginal_ece,
+            "auc": sum(auc) / len(auc), "auc_max": max(auc),
             "variance_ratio": float(s.double().var(0).mean() / torch.diagonal(cov, dim1=-2, dim2=-1).mean()),
             "sample_s": sample_s, "windows": len(x), "samples": n_samples}
 
@@ -116,7 +124,8 @@ def main() -> None:
     out.update(measure(est, *independent_windows(task, a.windows, seed=12345), n_samples=a.samples,
                        n_c2st=a.c2st, **_values(a.sample)))
     for key, target in TARGETS.items():
-        print(f"{key:12s} {out[key]:8.3f}   target <= {target}: {'met' if out[key] <= target else 'not met'}")
+        print(f"{key:12s} {out[key]:8.3f}   target <= {target}: {'met' if out[key] <= target else 'not met'}"
+              + (f" (exact posterior on the same windows: {out['ece_exact']:.3f})" if key == "ece" else ""))
     print(json.dumps({k: v for k, v in out.items() if k not in ("hparams", "fit", *TARGETS)}))
     if a.json:
         with open(a.json, "w") as f:
