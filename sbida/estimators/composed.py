@@ -445,16 +445,15 @@ class ComposedScore(Estimator):
         keep = torch.arange((T + 1) * B, device=self.device) < T * B
         tt = batch.t.repeat(T + 1)
         ctx, vec = self.contexts(y, m, tt, lag, keep)
-        head = correction == "gauss" and self._full_head()
-        if head:
+        comp = None  # the full composition (full head or Jacobian precisions), else the diagonal one
+        if correction == "gauss" and self._full_head():
             mean, logvar, V = self.gaussian(ctx, tt, factor=True)
             V = V.unflatten(0, (T + 1, B))
             P0 = self.full_precision(logvar[T * B:], V[T])
             comp = FullComposition(torch.cat([P0 + V[:T].mT @ V[:T], P0[None]]))
         else:
             mean, logvar = self.gaussian(ctx, tt)
-        full = head or (correction == "gauss" and self.hparams["precision"] == "jacobian")
-        if full and not head:
+        if correction == "gauss" and self.hparams["precision"] == "jacobian":
             def row_eps(xs: Tensor, rows: Tensor, s: Tensor) -> Tensor:
                 return self.net(xs.reshape(-1, *self.state_shape), s, tt[rows], ctx[rows], vec[rows]).flatten(1)
 
@@ -470,7 +469,7 @@ class ComposedScore(Estimator):
                 xs = x.reshape(n, 1, B, *self.state_shape).expand(n, T + 1, B, *self.state_shape).flatten(0, 2)
                 e = net(xs, s[:1].expand((T + 1) * N)).reshape(n, T + 1, B, *self.state_shape).transpose(0, 1)
                 r = (self.schedule.mu(s[0]) / self.schedule.sigma(s[0])).square()
-                if full:
+                if comp is not None:
                     return comp(e.flatten(3), r).reshape(x.shape)
                 return compose_eps(e, prec[:, None], r, correction).reshape(x.shape)
 
