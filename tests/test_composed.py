@@ -154,6 +154,44 @@ def test_full_head_is_translation_equivariant_and_its_precisions_positive_defini
         ComposedScore(sbida.tasks.get("kolmogorov", n_trajectories=2, n_states=12), precision="full", **SMALL)
 
 
+def test_residual_network_composes_its_gaussian_heads_exactly():
+    """A residual network whose U-Net outputs zero (its initialization) predicts the Gaussian heads' noise, and the
+    composed sampler then draws the heads' Gaussian composed in closed form (mode "gaussian") up to the sampler's
+    discretization; without the residual it draws the prior of a standard normal instead."""
+    task = sbida.tasks.get("linear-gaussian")
+    data = task.simulate(progress=False, n_trajectories=16)
+    torch.manual_seed(0)
+    est = ComposedScore(task, **SMALL)
+    est.fit_standardization(data)
+    x, y, m, t = data.get(torch.tensor([300]))
+    gauss = est.posterior(y, m, t, mode="gaussian")
+    assert gauss.has_log_prob and gauss.mean().shape == x.shape
+    s = est.posterior(y, m, t, steps=16, corrections=1).sample(2000, generator=torch.Generator().manual_seed(1))
+    sd = gauss.dist.covariance_matrix.diagonal(dim1=-2, dim2=-1).sqrt()
+    z = (s.mean(0) - gauss.mean()) / sd  # standardized by the Gaussian's marginal std
+    assert float(z.abs().max()) < 0.15, float(z.abs().max())
+    ratio = s.var(0) / sd.square()
+    assert 0.8 < float(ratio.min()) and float(ratio.max()) < 1.2, ratio
+    corr = torch.corrcoef(s[:, 0].T)[None]
+    cov = gauss.dist.covariance_matrix
+    exact = cov / sd[:, :, None] / sd[:, None, :]
+    assert float((corr - exact).abs().max()) < 0.12
+    plain = ComposedScore(task, residual=False, **SMALL)
+    plain.load_state_dict(est.state_dict())
+    s0 = plain.posterior(y, m, t, steps=16, corrections=1).sample(200, generator=torch.Generator().manual_seed(1))
+    assert float(((s0.mean(0) - gauss.mean()) / sd).abs().max()) > 1
+
+
+def test_models_saved_before_the_residual_parametrization_load_without_it(tmp_path):
+    task = sbida.tasks.get("linear-gaussian")
+    est = ComposedScore(task, **SMALL)
+    ck = {"config": est.config(), "state_dict": est.state_dict()}
+    del ck["config"]["hparams"]["residual"]
+    torch.save(ck, tmp_path / "old.pt")
+    assert load(tmp_path / "old.pt").hparams["residual"] is False
+    assert load(est.save(tmp_path / "new.pt")).hparams["residual"] is True
+
+
 @pytest.fixture(scope="module")
 def tiny():
     task = sbida.tasks.get("lorenz96", K=8, n_trajectories=8, n_states=40)

@@ -553,15 +553,17 @@ class Estimator(nn.Module):
         if cls is not Estimator and not issubclass(kind, cls):
             raise ValueError(f"{path} holds a {cfg['class']}, not a {cls.__name__}")
         lift = None if cfg["lift_shape"] is None else ck["state_dict"]["lift"]
+        # hyperparameters added after a model was saved take the value that reproduces the old model
+        hp = {**getattr(kind, "legacy_hparams", {}), **cfg["hparams"]}
         if getattr(kind, "needs_task", False) and cfg["task"] is not None:  # rebuilt with its dynamics
             from ..config import structured
             from ..tasks import Task, TaskConfig
 
             task = Task(structured(TaskConfig, cfg["task"], where=f"the task stored in {path.name}"))
-            est = kind(task, window=cfg["lags"], **cfg["hparams"])
+            est = kind(task, window=cfg["lags"], **hp)
         else:
             est = kind(None, state_shape=cfg["state_shape"], obs_shape=cfg["obs_shape"], window=cfg["lags"],
-                       observation=lift, **cfg["hparams"])
+                       observation=lift, **hp)
         est.task_config = cfg["task"]
         est.load_state_dict(ck["state_dict"])
         return est.eval()

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import ResBlock, SinusoidalEmbedding, WindowEncoder, periodic_conv
-from ..posterior import SamplerPosterior
+from ..posterior import GaussianPosterior, SamplerPosterior
 from .base import Batch, Estimator
 from .score import ScoreNet, _check_sampler_options, chunked_sampler
 from .sde import CosineSchedule, dsm_loss, sample_vp
@@ -90,7 +90,7 @@ FULL_MAX = 256  # precision "auto": full matrices up to this state size, diagona
 SAMPLER_DEFAULTS = {"composed": (16, 1), "guided": (32, 2)}
 PRECISION_SNR = 4.0  # mu^2 / sigma^2 where the Jacobians of the noise predictions give the precisions
 
-__all__ = ["ComposedScore", "compose_eps", "FullComposition", "denoiser_precision"]
+__all__ = ["ComposedScore", "compose_eps", "FullComposition", "GaussianNoise", "denoiser_precision"]
 
 
 def compose_eps(eps: Tensor, precision: Tensor, r: Tensor | float, correction: str = "gauss") -> Tensor:
@@ -152,6 +152,48 @@ class FullComposition:
         z = torch.einsum("kbij,knbj->nbi", self.weighted, eps)
         z = z + r * torch.einsum("bji,nbj->nbi", self.eigvecs, torch.einsum("k,knbj->nbj", self.w, eps))
         return torch.einsum("bij,nbj->nbi", self.eigvecs, z / (self.eigvals + r))
+
+
+class GaussianNoise:
+    r"""The exact noise prediction of Gaussians ``N(m, P^{-1})`` diffused to ``(mu_s, sigma_s)`` (standardized units):
+
+    .. math:: \varepsilon_G(x_s) = \sigma_s\, (\mu_s^2 I + \sigma_s^2 P)^{-1} P\, (x_s - \mu_s m),
+
+    the baseline of the residual parametrization (``residual=True``): the network predicts the difference between
+    the noise and this one, so where the distribution is Gaussian and the head exact it has nothing left to learn.
+    For ``m = 0, P = I`` it is ``sigma_s x_s``, the baseline of :class:`~sbida.estimators.score.ScoreNet`'s output.
+
+    Args:
+        mean: ``(N, D)`` means; precision: ``(N, D)`` diagonal or ``(N, D, D)`` full (symmetric, eigendecomposed
+            once; negative eigenvalues are clipped at zero).
+    """
+
+    def __init__(self, mean: Tensor, precision: Tensor):
+        if precision.shape[:2] != mean.shape or precision.dim() not in (2, 3):
+            raise ValueError(f"expected means (N, D) and precisions (N, D) or (N, D, D), got {tuple(mean.shape)} and "
+                             f"{tuple(precision.shape)}")
+        self.mean = mean
+        if precision.dim() == 3:
+            p, self.U = torch.linalg.eigh(0.5 * (precision + precision.mT))
+            self.p = p.clamp_min(0)
+        else:
+            self.p, self.U = precision, None
+
+    def select(self, rows: Tensor) -> GaussianNoise:
+        """The Gaussians of the given rows."""
+        out = copy.copy(self)
+        out.mean, out.p = self.mean[rows], self.p[rows]
+        out.U = None if self.U is None else self.U[rows]
+        return out
+
+    def __call__(self, x: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
+        """``eps_G`` of states ``x (n, N, D)`` (row ``j`` of every sample under Gaussian ``j``) at ``mu, sigma``
+        broadcastable to ``(n, N, 1)``."""
+        d = x - mu * self.mean
+        gain = sigma * self.p / (mu**2 + sigma**2 * self.p)
+        if self.U is None:
+            return gain * d
+        return torch.einsum("bij,nbj->nbi", self.U, gain * torch.einsum("bji,nbj->nbi", self.U, d))
 
 
 def denoiser_precision(eps_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedule: CosineSchedule,
@@ -222,8 +264,9 @@ class ComposedScore(Estimator):
         "guidance": "auto",
         "channels": 32, "depth": 2, "kernel_size": 5, "features": 64, "emb_features": 32,
         "unet_channels": [16, 32], "blocks": 1, "steps": None, "corrections": None, "tau": 0.4,
-        "sigma_min": 1e-3, "mu_min": 2e-2, "sample_rows": 8192,
+        "sigma_min": 1e-3, "mu_min": 2e-2, "sample_rows": 8192, "residual": True,
     }
+    legacy_hparams = {"residual": False}  # models saved before the residual parametrization
 
     def __init__(self, task: Any = None, *, simulator: nn.Module | None = None, every: int | None = None,
                  **kwargs: Any):
@@ -340,10 +383,29 @@ class ComposedScore(Estimator):
             P = self.full_precision(logvar[B:], V[B:], V[:B] * keep.to(V.dtype)[:, None, None])
             d = (batch.x - mean[:B]).flatten(1)
             nll = 0.5 * ((d[:, None] @ P @ d[:, :, None]).flatten() - torch.logdet(P)).mean() / d.shape[1]
+            base = GaussianNoise(mean[:B].flatten(1).detach(), P.detach()) if self._residual() else None
         else:
             mean, logvar = self.gaussian(ctx, batch.t)
             nll = 0.5 * (logvar + (batch.x - mean).square() * torch.exp(-logvar)).mean()
-        return dsm_loss(lambda xs, s: self.net(xs, s, batch.t, ctx, vec), batch.x, self.schedule) + nll
+            base = GaussianNoise(mean.flatten(1).detach(), torch.exp(-logvar).flatten(1).detach()) \
+                if self._residual() else None
+        return dsm_loss(lambda xs, s: self._add_baseline(self.net(xs, s, batch.t, ctx, vec), xs, s, base), batch.x,
+                        self.schedule) + nll
+
+    def _residual(self) -> bool:
+        """Whether the network predicts the residual from its Gaussian head's noise (composed mode, ``residual``)."""
+        return self.hparams["mode"] == "composed" and bool(self.hparams["residual"])
+
+    def _add_baseline(self, e: Tensor, x: Tensor, s: Tensor, base: GaussianNoise | None) -> Tensor:
+        """The noise prediction of a residual network: its output ``e`` (``sigma_s x + mu_s v``) with ``sigma_s x``
+        replaced by the Gaussian baseline ``base`` (one Gaussian per row of each sample: ``x (n N, *state)``,
+        ``s (n N,)``); ``e`` unchanged when ``base`` is ``None``."""
+        if base is None:
+            return e
+        N, D = base.mean.shape
+        xf = x.reshape(-1, N, D)
+        mu, sigma = self.schedule.mu(s).reshape(-1, N, 1), self.schedule.sigma(s).reshape(-1, N, 1)
+        return e + (base(xf, mu, sigma) - sigma * xf).reshape(e.shape)
 
     def prior_eps(self, x: Tensor, s: Tensor, t: Tensor) -> Tensor:
         """Noise prediction of the prior ``p_s(x | t)``: ``x (N, *state)``, ``s (N,)``, ``t (N,)`` standardized.
@@ -355,8 +417,17 @@ class ComposedScore(Estimator):
         if self.hparams["mode"] == "guided":
             return self.net(x, s, t, x.new_zeros(1, 1, *self._grid()).expand(N, 1, *self._grid()))
         C = self.hparams["channels"] + 1
-        return self.net(x, s, t, x.new_zeros(1, C, *self._grid()).expand(N, C, *self._grid()),
-                        x.new_zeros(1, self.hparams["features"]).expand(N, -1))
+        ctx = x.new_zeros(1, C, *self._grid()).expand(N, C, *self._grid())
+        e = self.net(x, s, t, ctx, x.new_zeros(1, self.hparams["features"]).expand(N, -1))
+        if not self._residual():
+            return e
+        if self._full_head():
+            mean, logvar, V = self.gaussian(ctx, t, factor=True)
+            base = GaussianNoise(mean.flatten(1), self.full_precision(logvar, V))
+        else:
+            mean, logvar = self.gaussian(ctx, t)
+            base = GaussianNoise(mean.flatten(1), torch.exp(-logvar).flatten(1))
+        return self._add_baseline(e, x, s, base)
 
     def _grid(self) -> tuple[int, ...]:
         return self.state_shape if len(self.state_shape) == 1 else self.state_shape[1:]
@@ -394,14 +465,19 @@ class ComposedScore(Estimator):
     def make_posterior(self, batch: Batch, steps: int | None = None, corrections: int | None = None,
                        tau: float | None = None, correction: str | None = None, gamma: float | None = None,
                        guidance: str | None = None, mode: str | None = None) -> SamplerPosterior:
-        """A :class:`~sbida.posterior.SamplerPosterior` of the windows (no ``log_prob``)."""
+        """A :class:`~sbida.posterior.SamplerPosterior` of the windows (no ``log_prob``); with ``mode="gaussian"``
+        (composed-mode models) the :class:`~sbida.posterior.GaussianPosterior` of the Gaussian heads composed over
+        the window in closed form (precision ``sum_k P_k - (T - 1) P_0``, information likewise): no diffusion, with
+        ``log_prob``, and what the composed sampler of a residual network draws where its network outputs zero."""
         _check_sampler_options(steps, corrections, tau)
         h = self.hparams
         lags = self._call_lags if self._call_lags is not None else self.lags
         mode = h["mode"] if mode is None else mode
-        if mode not in ("composed", "guided") or (mode == "composed" and h["mode"] == "guided"):
-            raise ValueError(f"mode must be 'guided' or (for a model trained in composed mode) 'composed', got "
-                             f"{mode!r} for a model trained in {h['mode']!r} mode")
+        if mode not in ("composed", "guided", "gaussian") or (mode != "guided" and h["mode"] == "guided"):
+            raise ValueError(f"mode must be 'guided' or (for a model trained in composed mode) 'composed' or "
+                             f"'gaussian', got {mode!r} for a model trained in {h['mode']!r} mode")
+        if mode == "gaussian":
+            return self._head_posterior(batch, lags)
         default_steps, default_corrections = SAMPLER_DEFAULTS[mode]
         steps = int(steps if steps is not None else h["steps"] if h["steps"] is not None else default_steps)
         corrections = int(corrections if corrections is not None else
@@ -435,27 +511,60 @@ class ComposedScore(Estimator):
         return SamplerPosterior(chunked_sampler(draw, B, int(h["sample_rows"]) // rows), B, self.state_shape,
                                 device=self.device)
 
-    def _composed(self, batch: Batch, lags: Sequence[int], correction: str):
-        """``n -> eps_fn`` of the composed score of ``n`` samples per window."""
+    def _heads(self, batch: Batch, lags: Sequence[int]):
+        """Contexts of the ``T`` observations of each window and of the prior, stacked as ``(T + 1) B`` rows ``(k, b)``
+        (the prior last), and their Gaussian heads: ``tt (T+1)B``, ``ctx``, ``vec``, ``mean``, ``logvar`` and, with
+        the full head, the precisions ``(T + 1, B, D, D)`` (else ``None``)."""
         B, T = batch.y.shape[:2]
-        # contexts of the T observations and of the prior, stacked as (T + 1) B rows
         y = torch.cat([batch.y.transpose(0, 1).flatten(0, 1), batch.y[:, 0]])
         m = torch.cat([batch.mask.transpose(0, 1).flatten(0, 1), batch.mask[:, 0]])
         lag = torch.tensor(list(lags) + [0], dtype=self.dtype, device=self.device).repeat_interleave(B)
         keep = torch.arange((T + 1) * B, device=self.device) < T * B
         tt = batch.t.repeat(T + 1)
         ctx, vec = self.contexts(y, m, tt, lag, keep)
+        if not self._full_head():
+            return (tt, ctx, vec, *self.gaussian(ctx, tt), None)
+        mean, logvar, V = self.gaussian(ctx, tt, factor=True)
+        V = V.unflatten(0, (T + 1, B))
+        P0 = self.full_precision(logvar[T * B:], V[T])
+        return tt, ctx, vec, mean, logvar, torch.cat([P0 + V[:T].mT @ V[:T], P0[None]])
+
+    def _head_posterior(self, batch: Batch, lags: Sequence[int]) -> GaussianPosterior:
+        """The Gaussian heads composed over each window (mode ``"gaussian"``, see :meth:`make_posterior`)."""
+        B, T = batch.y.shape[:2]
+        _, _, _, mean, logvar, full = self._heads(batch, lags)
+        mean = mean.flatten(1).unflatten(0, (T + 1, B))  # (T + 1, B, D)
+        sd = self.x_std.flatten()
+        if full is not None:  # likelihood parts V^T V: positive semidefinite, nothing to clip
+            P = full[:T].sum(0) - (T - 1) * full[T]
+            h = torch.einsum("kbij,kbj->bi", full[:T], mean[:T]) - (T - 1) * (full[T] @ mean[T, ..., None])[..., 0]
+            cov = torch.linalg.inv(P)
+            cov = 0.5 * (cov + cov.mT)
+            m = (cov @ h[..., None])[..., 0]
+            return GaussianPosterior((m * sd + self.x_mean.flatten()).reshape(B, *self.state_shape),
+                                     cov=cov * sd[:, None] * sd[None])
+        p = torch.exp(-logvar.flatten(1)).unflatten(0, (T + 1, B))
+        p = torch.cat([p[T] + (p[:T] - p[T]).clamp_min(0), p[T:]])  # likelihood parts >= 0, as in the composition
+        P = p[:T].sum(0) - (T - 1) * p[T]
+        m = ((p[:T] * mean[:T]).sum(0) - (T - 1) * p[T] * mean[T]) / P
+        return GaussianPosterior((m * sd + self.x_mean.flatten()).reshape(B, *self.state_shape),
+                                 std=(P.rsqrt() * sd).reshape(B, *self.state_shape))
+
+    def _composed(self, batch: Batch, lags: Sequence[int], correction: str):
+        """``n -> eps_fn`` of the composed score of ``n`` samples per window."""
+        B, T = batch.y.shape[:2]
+        tt, ctx, vec, mean, logvar, full = self._heads(batch, lags)
         comp = None  # the full composition (full head or Jacobian precisions), else the diagonal one
-        if correction == "gauss" and self._full_head():
-            mean, logvar, V = self.gaussian(ctx, tt, factor=True)
-            V = V.unflatten(0, (T + 1, B))
-            P0 = self.full_precision(logvar[T * B:], V[T])
-            comp = FullComposition(torch.cat([P0 + V[:T].mT @ V[:T], P0[None]]))
-        else:
-            mean, logvar = self.gaussian(ctx, tt)
+        if full is not None and correction == "gauss":
+            comp = FullComposition(full)
+        base = None  # the Gaussian baseline of every row (k, b) of a residual network
+        if self._residual():
+            base = GaussianNoise(mean.flatten(1), torch.exp(-logvar).flatten(1) if full is None else full.flatten(0, 1))
         if correction == "gauss" and self.hparams["precision"] == "jacobian":
             def row_eps(xs: Tensor, rows: Tensor, s: Tensor) -> Tensor:
-                return self.net(xs.reshape(-1, *self.state_shape), s, tt[rows], ctx[rows], vec[rows]).flatten(1)
+                xs = xs.reshape(-1, *self.state_shape)
+                e = self.net(xs, s, tt[rows], ctx[rows], vec[rows])
+                return self._add_baseline(e, xs, s, None if base is None else base.select(rows)).flatten(1)
 
             comp = FullComposition(denoiser_precision(row_eps, mean.flatten(1), self.schedule, snr=PRECISION_SNR,
                                                       rows=int(self.hparams["sample_rows"])).unflatten(0, (T + 1, B)))
@@ -467,7 +576,9 @@ class ComposedScore(Estimator):
             def eps_fn(x: Tensor, s: Tensor) -> Tensor:
                 N = x.shape[0]  # rows (i, b) -> (i, k, b), sample-major as the conditioned network wants
                 xs = x.reshape(n, 1, B, *self.state_shape).expand(n, T + 1, B, *self.state_shape).flatten(0, 2)
-                e = net(xs, s[:1].expand((T + 1) * N)).reshape(n, T + 1, B, *self.state_shape).transpose(0, 1)
+                sr = s[:1].expand((T + 1) * N)
+                e = self._add_baseline(net(xs, sr), xs, sr, base)
+                e = e.reshape(n, T + 1, B, *self.state_shape).transpose(0, 1)
                 r = (self.schedule.mu(s[0]) / self.schedule.sigma(s[0])).square()
                 if comp is not None:
                     return comp(e.flatten(3), r).reshape(x.shape)
