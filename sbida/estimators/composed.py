@@ -36,7 +36,12 @@ trained network the Jacobian-based precisions are noisy (the prior's precision s
 worse than the diagonal ones (variance 2.3x against 4.6x). The full head is the better of the three: on the
 linear-Gaussian task (4096 trajectories, 16 steps x 1) the diagonal head left the samples 1.90x too broad (ECE 0.34,
 C2ST AUC 0.91 after 18 epochs), the full head 1.09x (ECE 0.025, AUC 0.75 after 11 epochs; ``benchmarks/RESULTS.md``).
-Network errors of the ``T + 1`` scores add up in the composition, which is the limit of this mode. Langevin
+Network errors of the ``T + 1`` scores add up in the composition, which is the limit of this mode; hence
+**the residual parametrization** (``residual=True``, the default): each noise prediction is the exact noise of its
+own Gaussian head's distribution diffused to ``s`` (:class:`GaussianNoise`) plus the network's output, so the
+network learns only what is not Gaussian, and where the distributions are Gaussian the composition reduces to the
+heads' Gaussians composed in closed form (``mode="gaussian"`` at sampling gives that Gaussian directly, with
+``log_prob``). Models saved before it load with ``residual=False``. Langevin
 correction steps follow each predictor step. Any number of observation times, at any lags, may be composed at
 inference: the window length may differ from training's.
 
@@ -251,7 +256,9 @@ class ComposedScore(Estimator):
     simulators), encoder ``channels``, ``depth``, ``kernel_size``, ``features``, ``emb_features``; U-Net
     ``unet_channels``, ``blocks``; sampler ``steps``, ``corrections`` (``None``: by the sampling mode, 16 x 1
     composed, 32 x 2 guided; ``SAMPLER_DEFAULTS``), ``tau``; schedule ``sigma_min``,
-    ``mu_min``; ``sample_rows``. A model trained in composed mode also samples in guided mode (its prior score).
+    ``mu_min``; ``sample_rows``; ``residual`` (composed mode: the network predicts the residual from its Gaussian
+    head's noise). A model trained in composed mode also samples in guided mode (its prior score) and, as the
+    closed-form composition of its Gaussian heads, in mode ``"gaussian"``.
 
     Args:
         task: the task (its simulator is kept, unregistered, for guidance through the dynamics).
