@@ -127,3 +127,20 @@ def test_encoder_2d_and_variable_window():
         enc(y[:, :2], m[:, :2], torch.zeros(3))
     with pytest.raises(ValueError, match="lift"):
         WindowEncoder((16,), (4,), [0])
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 10, 40), (3, 4, 5, 20), (3, 4, 1, 8), (2, 3, 7, 8, 16), (2, 3, 1, 4, 4)])
+def test_coda_pooling_equals_max_pool_with_ceil_mode_values_and_gradients(shape):
+    from sbida.nn.coda_unet import _pool
+
+    spatial = len(shape) - 3
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    h = x.relu()  # as in the network: ties at 0, where the ReLU passes no gradient
+    kernel = (2 if shape[2] > 1 else 1,) + (2,) * spatial
+    ref = (torch.nn.functional.max_pool2d if spatial == 1 else torch.nn.functional.max_pool3d)(h, kernel,
+                                                                                            ceil_mode=True)
+    out = _pool(h, spatial)
+    assert torch.equal(out, ref)
+    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(torch.autograd.grad((out * w).sum(), x, retain_graph=True)[0],
+                       torch.autograd.grad((ref * w).sum(), x)[0])
