@@ -6,7 +6,8 @@ spread/skill and ECE (mean |coverage - level|).
 
 - **Time embedding** (``lorenz96``, K=40; the transient makes :math:`t` informative): *off* sets the time of every
   window to 0 in the training, validation and test sets, so the window encoder's embedding of :math:`t` is a
-  constant and carries no information (the networks are not edited).
+  constant and carries no information (the networks are not edited). Both are also scored on test windows of the
+  transient (``t <= TRANSIENT``), where the climatology still changes with ``t``.
 - **Mask channel** (``lorenz96-sparse``, 75 % of values missing; on ``lorenz96`` every station is observed, so the
   mask is constant there): *off* gives the estimator a mask of ones, with the missing values at 0, so a missing
   value cannot be told from an observed 0.
@@ -26,13 +27,14 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 import sbida
 from sbida.data import WindowDataset
 from sbida.diagnostics import evaluate
 from sbida.runs import EstimatorSpec, RunConfig, _estimator_settings
 
-__all__ = ["without_time", "without_mask", "train_and_score", "BUDGETS"]
+__all__ = ["without_time", "without_mask", "train_and_score", "transient_windows", "BUDGETS", "TRANSIENT"]
 
 BUDGETS = {  # data (trajectories x saved states), fit overrides, evaluation
     "full": {"data": (512, 512), "fit": {"epochs": 20, "steps_per_epoch": 500}, "windows": 1000, "samples": 500,
@@ -42,6 +44,10 @@ BUDGETS = {  # data (trajectories x saved states), fit overrides, evaluation
     "smoke": {"data": (12, 48), "fit": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 16, "val_windows": 32},
               "windows": 12, "samples": 32, "budgets": [100, 200]},
 }
+
+
+# time units: from x0 ~ N(0, I), Lorenz-96 (K=40, F=8) reaches its climatology (mean 2.3, sd 3.6) by t = 2
+TRANSIENT = 2.0
 
 
 def without_time(data: WindowDataset) -> WindowDataset:
@@ -58,11 +64,15 @@ def without_mask(data: WindowDataset) -> WindowDataset:
 
 
 def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDataset, test: WindowDataset,
-                    fit: dict, n_windows: int, n_samples: int, seed: int = 0) -> dict:
-    """Train one estimator on ``train`` and score it on the first ``n_windows`` windows of ``test``.
+                    fit: dict, n_windows: int, n_samples: int, seed: int = 0, early: Tensor | None = None) -> dict:
+    """Train one estimator on ``train`` and score it on ``n_windows`` random windows of ``test``.
+
+    Args:
+        early: indices of test windows to score it on as well (e.g. :func:`transient_windows`): keys ``*_early``.
 
     Returns:
-        ``{"rmse", "nrmse", "crps", "spread_skill", "ece", "train_windows", "seconds"}``.
+        ``{"rmse", "nrmse", "crps", "spread_skill", "ece", "train_windows", "seconds"}`` (and ``"rmse_early"``,
+        ``"nrmse_early"``, ``"spread_skill_early"``, ``"ece_early"``, ``"early_windows"`` with ``early``).
     """
     hp = {"rollout": min(task.window.length, 25)} if estimator == "coda" else {}
     cfg = RunConfig(task=task.name, estimators={estimator: EstimatorSpec(kind=estimator, estimator=hp, fit=fit)},
@@ -74,17 +84,37 @@ def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDatas
     seconds = time.perf_counter() - t0
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n_windows].sort().values
     r = evaluate(est, test, n_samples=n_samples, indices=idx, progress=False, seed=seed)
-    return {"rmse": r.rmse, "nrmse": r.nrmse, "crps": r.crps, "spread_skill": r.spread_skill, "ece": r.coverage.ece,
-            "train_windows": len(train), "seconds": seconds}
+    res = {"rmse": r.rmse, "nrmse": r.nrmse, "crps": r.crps, "spread_skill": r.spread_skill, "ece": r.coverage.ece,
+           "train_windows": len(train), "seconds": seconds}
+    if early is not None:
+        e = evaluate(est, test, n_samples=n_samples, indices=early, progress=False, seed=seed)
+        res |= {"rmse_early": e.rmse, "nrmse_early": e.nrmse, "spread_skill_early": e.spread_skill,
+                "ece_early": e.coverage.ece, "early_windows": len(early)}
+    return res
+
+
+def transient_windows(data: WindowDataset, until: float, n: int, seed: int = 0) -> Tensor:
+    """Indices ``(<= n,)`` of random windows of ``data`` whose target time is at most ``until``, sorted."""
+    times = data.times[data.locate(torch.arange(len(data)))[1]]
+    pool = torch.nonzero(times <= until).flatten()
+    if len(pool) == 0:
+        raise ValueError(f"no window of the data has a time <= {until}")
+    return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]].sort().values
 
 
 def _table(title: str, rows: list[dict]) -> str:
+    early = any("rmse_early" in r for r in rows)
     lines = [title, f"  {'setting':18s} {'estimator':10s} {'windows':>8s} {'RMSE':>7s} {'nRMSE':>7s} {'CRPS':>7s} "
-                    f"{'spr/skl':>8s} {'ECE':>6s} {'train s':>8s}"]
+                    f"{'spr/skl':>8s} {'ECE':>6s} {'train s':>8s}"
+                    + (f" {'RMSE t<=T0':>11s} {'spr/skl':>8s} {'ECE':>6s}" if early else "")]
     for r in rows:
         lines.append(f"  {r['setting']:18s} {r['estimator']:10s} {r['train_windows']:>8d} {r['rmse']:>7.3f} "
                      f"{r['nrmse']:>7.3f} {r['crps']:>7.3f} {r['spread_skill']:>8.2f} {r['ece']:>6.3f} "
-                     f"{r['seconds']:>8.1f}")
+                     f"{r['seconds']:>8.1f}"
+                     + (f" {r['rmse_early']:>11.3f} {r['spread_skill_early']:>8.2f} {r['ece_early']:>6.3f}"
+                        if "rmse_early" in r else ""))
+    if early:
+        lines.append(f"  (t<=T0: test windows in the transient, t <= {TRANSIENT} time units)")
     return "\n".join(lines)
 
 
@@ -112,9 +142,13 @@ def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int
         if key not in only:
             continue
         task, (tr, va, te) = task_data(name)
+        # the time ablation is also scored on windows of the transient, where t tells most (picked by their true
+        # times, the same windows with and without t)
+        early = transient_windows(te, TRANSIENT, kw["n_windows"], seed) if key == "time" else None
         for est in estimators:
-            record(key, on, est, train_and_score(task, est, tr, va, te, fit, **kw))
-            record(key, off, est, train_and_score(task, est, remove(tr), remove(va), remove(te), fit, **kw))
+            record(key, on, est, train_and_score(task, est, tr, va, te, fit, **kw, early=early))
+            record(key, off, est, train_and_score(task, est, remove(tr), remove(va), remove(te), fit, **kw,
+                                                  early=early))
     if "window" in only:
         for length in (1, 5, 10, 25):
             task, (tr, va, te) = task_data("lorenz96", length=length)

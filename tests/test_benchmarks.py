@@ -185,6 +185,12 @@ def test_ablation_transforms_remove_time_and_mask():
     x1, y1, m1, t1 = ablations.without_mask(data).get(torch.arange(5))
     assert m1.all() and (~m).any() and torch.equal(t1, t)
     assert torch.equal(y1[m], y[m]) and (y1[~m] == 0).all()
+    early = ablations.transient_windows(data, 1.0, 50)
+    t_all = data.get(torch.arange(len(data)))[3]
+    assert len(early) == min(50, int((t_all <= 1.0).sum())) and (t_all[early] <= 1.0).all()
+    assert torch.equal(early, early.unique())  # sorted, no repeats
+    with pytest.raises(ValueError, match="no window"):
+        ablations.transient_windows(data, -1.0, 5)
 
 
 def test_run_py_takes_task_overrides_before_or_after_the_options():
