@@ -7,11 +7,12 @@ output folder. The stages write, in that folder::
 
     config.yaml      the resolved run configuration       log.txt        what happened, with times
     data.h5          the simulated dataset (or its path in data.json, when ``dataset`` names an existing file)
-    checkpoints/     <label>.pt (the trained estimator) and <label>.fit.pt (resumable training state)
+    checkpoints/     <label>.pt (the trained estimator), <label>.fit.pt (training state) and .fit.json (settings)
     training.json    seconds and history of each fit      metrics.json   the evaluation of every method
     examples.pt      posterior samples of a few windows   report.html    the calibration report (+ report.json)
 
-Every stage runs the ones it needs whose outputs are missing. The run's ``seed`` seeds the simulation (unless the
+Every stage runs the ones it needs whose outputs are missing. An interrupted training resumes from its last epoch
+when the run is started again with the same estimator and fit settings (and ends as an uninterrupted one would). The run's ``seed`` seeds the simulation (unless the
 task overrides set ``data.seed``), the split, the initial weights, the batch order and the evaluation, so the same
 configuration and seed give the same metrics.
 """
@@ -282,9 +283,18 @@ class Run:
             self.log(f"{label}: training {cls.__name__} on {len(train)} windows ({fit})")
             t0 = time.perf_counter()
             fit_state = self.path(f"checkpoints/{label}.fit.pt")
-            fit_state.unlink(missing_ok=True)
-            history = est.fit(train, val, progress=self.progress, checkpoint=fit_state, **fit)
+            resume = not force and self._resumable(fit_state, est, fit)
+            if resume:
+                self.log(f"{label}: resuming its interrupted training from {fit_state}")
+            else:
+                fit_state.unlink(missing_ok=True)
+            fit_state.parent.mkdir(parents=True, exist_ok=True)
+            self.path(f"checkpoints/{label}.fit.json").write_text(json.dumps(
+                {"estimator": est.config(), "fit": fit}, indent=1, default=str))
+            history = est.fit(train, val, progress=self.progress, checkpoint=fit_state, resume=resume, **fit)
             seconds = time.perf_counter() - t0
+            if resume and history.get("time"):
+                seconds = max(seconds, history["time"][-1])  # the interrupted sittings' time too
             est.save(ckpt)
             best = min(history["val_loss"]) if history["val_loss"] else None
             record[label] = {"kind": cls.__name__, "seconds": seconds, "epochs": len(history["epoch"]),
@@ -293,6 +303,18 @@ class Run:
             record_path.write_text(json.dumps(record, indent=1))
         record_path.write_text(json.dumps(record, indent=1))
         return record
+
+    def _resumable(self, fit_state: Path, est, fit: dict) -> bool:
+        """Whether ``fit_state`` is the training state of an interrupted fit of the same estimator and settings
+        (as recorded in the ``.fit.json`` beside it when that fit started)."""
+        settings = fit_state.with_suffix(".json")
+        if not (fit_state.exists() and settings.exists()):
+            return False
+        now = json.loads(json.dumps({"estimator": est.config(), "fit": fit}, default=str))
+        if json.loads(settings.read_text()) != now:
+            self.log(f"{fit_state.name}: the estimator or its fit settings changed, training from the start")
+            return False
+        return True
 
     def methods(self) -> tuple[dict[str, Any], dict[str, float]]:
         """The trained estimators and the fitted baselines, with their training (fitting) seconds."""

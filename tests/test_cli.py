@@ -158,3 +158,51 @@ def test_quickstart_prints_the_report_and_its_table(tmp_path, capsys):
     table = text[text.index("method"):].splitlines()
     assert [row.split()[0] for row in table[1:6]] == ["npe", "score", "coda", "enks", "fourdvar"]
     assert json.loads((out / "metrics.json").read_text())["task"] == "lorenz96"
+
+
+def test_an_interrupted_training_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    import functools
+
+    import torch
+
+    from sbida.estimators import NPE
+    from sbida.runs import Run
+
+    over = ["estimators.npe.fit.epochs=3", "baselines={}"]
+    whole = Run("l96-tiny", over, out=tmp_path / "whole", progress=False, echo=False)
+    whole.train()
+    fit = NPE.fit
+
+    @functools.wraps(fit)  # the run reads the fit's signature
+    def stopped_after_the_first_epoch(self, *args, **kwargs):
+        def interrupt(epoch, history):
+            raise KeyboardInterrupt
+
+        return fit(self, *args, callback=interrupt, **kwargs)
+
+    part = Run("l96-tiny", over, out=tmp_path / "part", progress=False, echo=False)
+    monkeypatch.setattr(NPE, "fit", stopped_after_the_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        part.train()
+    assert (tmp_path / "part/checkpoints/npe.fit.pt").exists() and not (tmp_path / "part/checkpoints/npe.pt").exists()
+    epochs_run = []
+
+    @functools.wraps(fit)
+    def counted(self, *args, **kwargs):
+        return fit(self, *args, callback=lambda epoch, history: epochs_run.append(epoch), **kwargs)
+
+    monkeypatch.setattr(NPE, "fit", counted)
+    record = part.train()
+    monkeypatch.undo()
+    assert epochs_run == [1, 2]  # only the epochs that were left
+    assert "resuming its interrupted training" in (tmp_path / "part/log.txt").read_text()
+    assert record["npe"]["history"]["epoch"] == [0, 1, 2]
+    a = torch.load(tmp_path / "whole/checkpoints/npe.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "part/checkpoints/npe.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # other settings: the stale training state is not resumed
+    (tmp_path / "part/checkpoints/npe.pt").unlink()
+    other = Run("l96-tiny", ["estimators.npe.fit.epochs=2", "baselines={}"], out=tmp_path / "part", progress=False,
+                echo=False)
+    assert other.train()["npe"]["history"]["epoch"] == [0, 1]
+    assert "settings changed, training from the start" in (tmp_path / "part/log.txt").read_text()
