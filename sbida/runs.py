@@ -12,9 +12,9 @@ output folder. The stages write, in that folder::
     examples.pt      posterior samples of a few windows   report.html    the calibration report (+ report.json)
 
 Every stage runs the ones it needs whose outputs are missing. An interrupted training resumes from its last epoch
-when the run is started again with the same estimator and fit settings (and ends as an uninterrupted one would). The run's ``seed`` seeds the simulation (unless the
-task overrides set ``data.seed``), the split, the initial weights, the batch order and the evaluation, so the same
-configuration and seed give the same metrics.
+when the run is started again with the same estimator and fit settings (and ends as an uninterrupted one would).
+The run's ``seed`` seeds the simulation (unless the task overrides set ``data.seed``), the split, the initial
+weights, the batch order and the evaluation, so the same configuration and seed give the same metrics.
 """
 
 from __future__ import annotations

@@ -186,10 +186,33 @@ def test_models_saved_before_the_residual_parametrization_load_without_it(tmp_pa
     task = sbida.tasks.get("linear-gaussian")
     est = ComposedScore(task, **SMALL)
     ck = {"config": est.config(), "state_dict": est.state_dict()}
-    del ck["config"]["hparams"]["residual"]
+    del ck["config"]["hparams"]["residual"], ck["config"]["hparams"]["window_nll"]
     torch.save(ck, tmp_path / "old.pt")
-    assert load(tmp_path / "old.pt").hparams["residual"] is False
-    assert load(est.save(tmp_path / "new.pt")).hparams["residual"] is True
+    old = load(tmp_path / "old.pt")
+    assert old.hparams["residual"] is False and old.hparams["window_nll"] == 0.0
+    new = load(est.save(tmp_path / "new.pt"))
+    assert new.hparams["residual"] is True and new.hparams["window_nll"] == 1.0
+
+
+@pytest.mark.parametrize("precision", ["full", "diag"])
+def test_window_loss_is_the_nll_of_the_composed_heads(precision):
+    """The heads' window loss is the negative log-likelihood (per value, standardized units) of the true state under
+    the Gaussian of mode "gaussian", on the first eighth of the windows of the batch, and it trains the heads only."""
+    import math
+    task = sbida.tasks.get("linear-gaussian")
+    data = task.simulate(progress=False, n_trajectories=16)
+    torch.manual_seed(0)
+    est = ComposedScore(task, precision=precision, **SMALL)
+    est.fit_standardization(data)
+    x, y, m, t = data.get(torch.arange(0, 800, 50))  # 16 windows: the loss uses the first 2
+    nll = est.window_nll(est.standardize(x, y, m, t))
+    lp = est.posterior(y[:2], m[:2], t[:2], mode="gaussian").log_prob(x[:2])
+    D = x.shape[-1]
+    expected = -(lp.double() + torch.log(est.x_std.double()).sum() + 0.5 * D * math.log(2 * math.pi)).mean() / D
+    torch.testing.assert_close(nll.double(), expected, rtol=1e-4, atol=1e-4)
+    est.zero_grad()
+    nll.backward()
+    assert est.gauss_head.weight.grad.abs().sum() > 0 and est.net.parameters().__next__().grad is None
 
 
 @pytest.fixture(scope="module")
