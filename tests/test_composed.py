@@ -348,3 +348,19 @@ def test_linear_gaussian_composed_posterior_is_informed(lg):
     rmse, var = summary(s, x, mean, cov)
     prior = float(x.double().pow(2).mean().sqrt() / (mean - x).pow(2).mean().sqrt())  # prior mean's RMSE, same units
     assert rmse < 0.6 * prior and var > 1, (rmse, var, prior)
+
+
+@pytest.mark.slow
+def test_linear_gaussian_composed_heads_are_calibrated_with_the_window_loss(lg):
+    """The heads' Gaussian composed over the window (mode "gaussian"), trained with the window loss (the default):
+    calibrated and nowhere much narrower than the exact posterior. The same training without the window loss gave
+    ECE 0.50, RMSE ratio 1.78 and directions 8x too narrow (smallest whitened variance ratio 0.12; with it 0.073,
+    1.43 and 0.61)."""
+    est, x, y, m, t, mean, cov = lg
+    assert est.hparams["window_nll"] == 1.0
+    with torch.no_grad():
+        g = est.posterior(y, m, t, mode="gaussian")
+    ratio = torch.linalg.eigvals(torch.linalg.solve(cov, g.dist.covariance_matrix.double())).real
+    rmse = float((g.mean().double() - x).pow(2).mean().sqrt() / (mean - x).pow(2).mean().sqrt())
+    ece = sbida.diagnostics.expected_coverage(g, x.float()).ece
+    assert ece < 0.2 and rmse < 1.6 and float(ratio.min(1).values.mean()) > 0.4, (ece, rmse, ratio.min(1).values)
