@@ -160,6 +160,30 @@ def test_laplace_fit_is_made_once_per_posterior(tiny, monkeypatch):
     assert len(calls) == 2 * first
 
 
+def test_auto_proposal_is_laplace_for_small_states_and_learned_beyond(tiny, monkeypatch):
+    """``proposal="auto"`` (the default) fits the Laplace proposal up to ``LAPLACE_MAX`` values, and the learned
+    location-scale map beyond (the Hessian costs D passes per window); ``posterior(..., proposal=)`` overrides it."""
+    import sbida.estimators.nre as nre_module
+
+    task, train, _, est = tiny
+    assert est.hparams["proposal"] == "auto"
+    calls = []
+    real = nre_module._laplace
+    monkeypatch.setattr(nre_module, "_laplace", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, y, m, t = train.get(torch.arange(3))
+    g = torch.Generator().manual_seed(0)
+    est.posterior(y, m, t).sample(4, generator=g)
+    assert len(calls) >= 1  # K = 8: Laplace
+    n = len(calls)
+    learned = est.posterior(y, m, t, proposal="learned").sample(4, generator=g)
+    assert len(calls) == n and learned.shape == (4, 3, 8)
+    monkeypatch.setattr(nre_module, "LAPLACE_MAX", 4)  # now K = 8 is a large state
+    est.posterior(y, m, t).sample(4, generator=g)
+    assert len(calls) == n
+    est.posterior(y, m, t, proposal="laplace").sample(4, generator=g)
+    assert len(calls) > n
+
+
 def test_save_load_gives_identical_samples(tiny, tmp_path):
     task, train, _, est = tiny
     x, y, m, t = train.get(torch.arange(4))
@@ -184,6 +208,8 @@ def test_bad_input_is_a_clear_error(tiny, rejects_bad_windows):
         est.posterior(y, m, t, step=3)
     with pytest.raises(ValueError, match="proposal must be"):
         NRE(task, proposal="flow")
+    with pytest.raises(ValueError, match="proposal must be"):
+        est.posterior(y, m, t, proposal="flow")
     with pytest.raises(ValueError, match="reference must be"):
         NRE(task, reference="gauss")
     with pytest.raises(ValueError, match="loss must be"):
