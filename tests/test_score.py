@@ -159,6 +159,27 @@ def test_sampling_is_batched_in_chunks(tiny):
     assert s.shape == (7, 3, 8) and torch.isfinite(s).all()
 
 
+def test_sampling_passes_are_cache_sized_on_a_cpu_and_bounded_by_sample_rows(tiny):
+    """On a CPU a pass holds about PASS_VALUES state values (at least PASS_MIN_ROWS rows), never more than
+    ``sample_rows``; elsewhere it is ``sample_rows``. The network sees passes of that many rows."""
+    from sbida.estimators.score import PASS_MIN_ROWS, PASS_VALUES, pass_rows
+
+    cpu = torch.device("cpu")
+    assert pass_rows(8192, 40, cpu) == PASS_VALUES // 40
+    assert pass_rows(8192, 2048, cpu) == max(PASS_MIN_ROWS, PASS_VALUES // 2048)
+    assert pass_rows(100, 40, cpu) == 100
+    assert pass_rows(8192, 40, torch.device("meta")) == 8192
+    task, train, _, est = tiny  # K = 8
+    x, y, m, t = train.get(torch.arange(2))
+    rows = []
+    hook = est.net.unet.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    try:
+        est.posterior(y, m, t).sample(PASS_VALUES // 8, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert max(rows) == PASS_VALUES // 8 and len(rows) % 2 == 0  # 2 windows: two passes of half the samples each
+
+
 def test_bad_input_is_a_clear_error(tiny, rejects_bad_windows):
     task, train, _, est = tiny
     x, y, m, t = train.get(torch.arange(4))

@@ -96,7 +96,7 @@ from torch import Tensor, nn
 from ..nn import ResBlock, SinusoidalEmbedding, WindowEncoder, periodic_conv
 from ..posterior import GaussianPosterior, SamplerPosterior
 from .base import Batch, Estimator
-from .score import ScoreNet, _check_sampler_options, chunked_sampler
+from .score import ScoreNet, _check_sampler_options, chunked_sampler, pass_rows
 from .sde import CosineSchedule, dsm_loss, sample_vp
 
 FULL_MAX = 256  # precision "auto": full matrices up to this state size, diagonal beyond
@@ -268,7 +268,8 @@ class ComposedScore(Estimator):
     simulators), encoder ``channels``, ``depth``, ``kernel_size``, ``features``, ``emb_features``; U-Net
     ``unet_channels``, ``blocks``; sampler ``steps``, ``corrections`` (``None``: by the sampling mode, 16 x 1
     composed, 32 x 2 guided; ``SAMPLER_DEFAULTS``), ``tau``; schedule ``sigma_min``,
-    ``mu_min``; ``sample_rows``; ``residual`` (composed mode: the network predicts the residual from its Gaussian
+    ``mu_min``; ``sample_rows`` (rows of one sampling pass at most, :func:`~sbida.estimators.score.pass_rows`);
+    ``residual`` (composed mode: the network predicts the residual from its Gaussian
     head's noise); ``window_nll`` (composed mode: weight of the heads' negative log-likelihood composed over whole
     training windows, :meth:`window_nll`). A model trained in composed mode also samples in guided mode (its prior
     score) and, as the closed-form composition of its Gaussian heads, in mode ``"gaussian"``.
@@ -578,8 +579,9 @@ class ComposedScore(Estimator):
                               self.dtype, self.device)
             return (x.reshape(n, B, *self.state_shape) * self.x_std + self.x_mean).clone()
 
-        rows = len(lags) + 1 if mode == "composed" else 1
-        return SamplerPosterior(chunked_sampler(draw, B, int(h["sample_rows"]) // rows), B, self.state_shape,
+        scores = len(lags) + 1 if mode == "composed" else 1
+        rows = pass_rows(int(h["sample_rows"]), math.prod(self.state_shape), self.device) // scores
+        return SamplerPosterior(chunked_sampler(draw, B, rows), B, self.state_shape,
                                 device=self.device)
 
     def _heads(self, batch: Batch, lags: Sequence[int]):

@@ -115,6 +115,22 @@ class ScoreNet(nn.Module):
         return self.schedule.sigma(s).reshape(shape) * x + self.schedule.mu(s).reshape(shape) * v
 
 
+PASS_VALUES = 2**14  # on a CPU, state values (rows x D) of one sampling pass: see pass_rows
+PASS_MIN_ROWS = 16
+
+
+def pass_rows(limit: int, D: int, device: torch.device) -> int:
+    """Rows (samples x windows, x scores of the composed sampler) of one network pass while sampling: at most
+    ``limit`` (the ``sample_rows`` hyperparameter, which bounds memory), and on a CPU about ``PASS_VALUES`` state
+    values, no fewer than ``PASS_MIN_ROWS`` rows. The U-Net's memory-bound layers (periodic padding, group norm,
+    SiLU: half of a pass) then work in the caches: at K=40 on one thread, 1000 samples of one window took 1.4 s in
+    passes of 256-512 rows and 2.4 s in one pass of 1000; ComposedScore's 11 scores per sample, 16.5 s in passes of
+    about 400 rows against 45 s in passes of 8192 (``benchmarks/RESULTS.md``)."""
+    if device.type != "cpu":
+        return max(1, limit)
+    return max(1, min(limit, max(PASS_MIN_ROWS, PASS_VALUES // D)))
+
+
 def chunked_sampler(draw: Callable[[int, torch.Generator | None], Tensor], B: int, rows: int
                     ) -> Callable[[int, torch.Generator | None], Tensor]:
     """Wrap ``draw(m, generator) -> (m, B, ...)`` so that one call draws at most ``rows // B`` samples per window."""
@@ -133,7 +149,7 @@ class PosteriorScore(Estimator):
     ``emb_features``, ``aggregate``; U-Net ``unet_channels``, ``blocks``; sampler ``steps`` (predictor steps),
     ``corrections`` (Langevin steps per predictor step), ``tau`` (Langevin step scale); schedule ``sigma_min``,
     ``mu_min``; ``loss_rho`` (training diffusion times ``s = u ** loss_rho``); ``sample_rows`` (samples x windows of
-    one sampling pass, bounds memory).
+    one sampling pass at most, bounds memory; on a CPU passes are smaller, :func:`pass_rows`).
     """
 
     defaults: dict[str, Any] = {
@@ -179,7 +195,8 @@ class PosteriorScore(Estimator):
                           self.dtype, self.device)
             return (x.reshape(n, B, *self.state_shape) * self.x_std + self.x_mean).clone()
 
-        return SamplerPosterior(chunked_sampler(draw, B, int(h["sample_rows"])), B, self.state_shape,
+        rows = pass_rows(int(h["sample_rows"]), math.prod(self.state_shape), self.device)
+        return SamplerPosterior(chunked_sampler(draw, B, rows), B, self.state_shape,
                                 device=self.device)
 
 
