@@ -1,7 +1,7 @@
 """Sampling speed of the score estimators at Lorenz-96 K=40 with their default steps (untrained weights: the cost
 of sampling does not depend on them): 1000 samples for one window, and 100 samples for each of 100 windows (10
-with ``--quick``). Wall time and the process's CPU time are printed: on a shared machine the CPU time (divided by
-the threads) is the steadier figure.
+with ``--quick``), each the faster of two runs. Wall time and the process's CPU time are printed: on a shared machine
+the CPU time (divided by the threads) is the steadier figure.
 
 One network evaluation per predictor or corrector step (``steps * (1 + corrections) - corrections`` in all); the
 composed mode evaluates the network on ``T + 1`` rows per sample (each observation time and the prior), so it costs
@@ -19,11 +19,15 @@ import sbida
 from sbida.estimators import ComposedScore, PosteriorScore
 
 
-def timed(post, n: int) -> tuple[float, float]:
-    """Wall and CPU seconds of ``post.sample(n)``."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    post.sample(n, generator=torch.Generator().manual_seed(0))
-    return time.perf_counter() - t0, time.process_time() - c0
+def timed(make_post, n: int) -> tuple[float, float]:
+    """Wall and CPU seconds of ``make_post().sample(n)``, the faster of two runs: the first one also pays one-time
+    costs (thread pools, the convolutions' kernels for these shapes) that later calls do not."""
+    best = (float("inf"), float("inf"))
+    for _ in range(2):
+        t0, c0 = time.perf_counter(), time.process_time()
+        make_post().sample(n, generator=torch.Generator().manual_seed(0))
+        best = min(best, (time.perf_counter() - t0, time.process_time() - c0))
+    return best
 
 
 def main() -> None:
@@ -50,8 +54,8 @@ def main() -> None:
         est = make()
         est.fit_standardization(data)
         est.eval()
-        one = timed(est.posterior(y[:1], m[:1], t[:1]), 1000)
-        many = timed(est.posterior(y, m, t), per)
+        one = timed(lambda e=est: e.posterior(y[:1], m[:1], t[:1]), 1000)
+        many = timed(lambda e=est: e.posterior(y, m, t), per)
         rows[name] = {"1000 samples, 1 window (s)": one[0], "1000 samples, 1 window (cpu s)": one[1],
                       f"{per} samples x 100 windows (s)": many[0], f"{per} samples x 100 windows (cpu s)": many[1],
                       "threads": a.threads, "steps": est.hparams["steps"], "corrections": est.hparams["corrections"]}
