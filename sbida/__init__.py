@@ -14,6 +14,7 @@ from . import (
     observations,
     posterior,
     report,
+    runtime,
     simulators,
     tasks,
 )
@@ -22,5 +23,7 @@ from .tasks import Task
 
 __version__ = "0.1.0"
 
+runtime._tune_on_import()  # glibc allocator thresholds: see sbida.runtime (SBIDA_TUNE_MALLOC=0 to skip)
+
 __all__ = ["baselines", "data", "diagnostics", "distributed", "estimators", "nn", "observations", "report", "posterior",
-           "simulators", "tasks", "Window", "WindowDataset", "simulate_windows", "Task", "__version__"]
+           "runtime", "simulators", "tasks", "Window", "WindowDataset", "simulate_windows", "Task", "__version__"]

@@ -1,5 +1,7 @@
 """PosteriorScore and the VP diffusion sampler: exactness on Gaussians, the linear-Gaussian posterior, persistence."""
 
+import threading
+
 import pytest
 import torch
 
@@ -157,6 +159,40 @@ def test_sampling_is_batched_in_chunks(tiny):
     finally:
         est.hparams["sample_rows"] = PosteriorScore.defaults["sample_rows"]
     assert s.shape == (7, 3, 8) and torch.isfinite(s).all()
+
+
+def test_passes_run_in_parallel_with_the_same_samples_as_one_after_the_other(tiny):
+    """Several passes on 2 threads run two at a time (a thread each) and draw what 1 thread draws (each pass has its
+    own generator, seeded in order); the thread count is restored; a different seed draws different samples."""
+    from sbida.estimators.score import chunked_sampler
+    task, train, _, est = tiny
+    _, y, m, t = train.get(torch.arange(3))
+    threads, seen = torch.get_num_threads(), []
+
+    def draw(n, generator):
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        return torch.randn(n, 3, generator=generator)
+
+    est.hparams["sample_rows"] = 6  # two samples per pass, four passes
+    try:
+        torch.set_num_threads(2)
+        a = est.posterior(y, m, t).sample(7, generator=torch.Generator().manual_seed(0))
+        assert torch.get_num_threads() == 2
+        z2 = chunked_sampler(draw, 3, 6)(7, torch.Generator().manual_seed(0))
+        torch.set_num_threads(1)
+        b = est.posterior(y, m, t).sample(7, generator=torch.Generator().manual_seed(0))
+        z1 = chunked_sampler(draw, 3, 6)(7, torch.Generator().manual_seed(0))
+        c = est.posterior(y, m, t).sample(7, generator=torch.Generator().manual_seed(1))
+    finally:
+        est.hparams["sample_rows"] = PosteriorScore.defaults["sample_rows"]
+        torch.set_num_threads(threads)
+    # the same noise; the window's encoding on 2 threads and on 1 may differ in the last bits
+    assert torch.allclose(a, b, rtol=0, atol=1e-4) and (a - c).abs().max() > 0.1
+    assert torch.equal(z1, z2) and z1.shape == (7, 3)
+    assert len({z1[i:i + 2].sum().item() for i in range(0, 7, 2)}) == 4  # the passes' generators differ
+    parallel, serial = seen[:4], seen[4:]
+    assert all(k == 1 for _, k in parallel) and threading.get_ident() not in {i for i, _ in parallel}
+    assert {i for i, _ in serial} == {threading.get_ident()}
 
 
 def test_sampling_passes_are_cache_sized_on_a_cpu_and_bounded_by_sample_rows(tiny):

@@ -581,7 +581,7 @@ class ComposedScore(Estimator):
 
         scores = len(lags) + 1 if mode == "composed" else 1
         rows = pass_rows(int(h["sample_rows"]), math.prod(self.state_shape), self.device) // scores
-        return SamplerPosterior(chunked_sampler(draw, B, rows), B, self.state_shape,
+        return SamplerPosterior(chunked_sampler(draw, B, rows, self.device), B, self.state_shape,
                                 device=self.device)
 
     def _heads(self, batch: Batch, lags: Sequence[int]):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -131,13 +132,36 @@ def pass_rows(limit: int, D: int, device: torch.device) -> int:
     return max(1, min(limit, max(PASS_MIN_ROWS, PASS_VALUES // D)))
 
 
-def chunked_sampler(draw: Callable[[int, torch.Generator | None], Tensor], B: int, rows: int
-                    ) -> Callable[[int, torch.Generator | None], Tensor]:
-    """Wrap ``draw(m, generator) -> (m, B, ...)`` so that one call draws at most ``rows // B`` samples per window."""
+def chunked_sampler(draw: Callable[[int, torch.Generator | None], Tensor], B: int, rows: int,
+                    device: torch.device | str = "cpu") -> Callable[[int, torch.Generator | None], Tensor]:
+    """Wrap ``draw(m, generator) -> (m, B, ...)`` so that one call draws at most ``rows // B`` samples per window.
+
+    With several passes, each pass gets its own generator, seeded in order from the caller's (or from torch's default
+    one): the samples depend on the seed and the pass size, not on the order in which passes run. On a CPU with
+    ``torch.get_num_threads() = P > 1``, up to ``P`` passes run at once in a thread pool, each on ``P // workers``
+    threads: the U-Net's many small operators scale poorly over threads within one pass (at K=40 on 2 threads,
+    ComposedScore's 1000 samples of one window took 6.1 s one pass after the other and 5.2-5.5 s two at a time,
+    ``benchmarks/RESULTS.md``).
+    """
     per = max(1, rows // B)
+    device = torch.device(device)
 
     def sample(n: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.cat([draw(min(per, n - i), generator) for i in range(0, n, per)])
+        sizes = [min(per, n - i) for i in range(0, n, per)]
+        if len(sizes) <= 1:
+            return draw(n, generator)
+        seeds = torch.randint(2**62, (len(sizes),), generator=generator,
+                              device=generator.device if generator is not None else "cpu").tolist()
+        gens = [torch.Generator(device=device).manual_seed(int(v)) for v in seeds]
+        threads = torch.get_num_threads()
+        workers = min(threads, len(sizes)) if device.type == "cpu" else 1
+        if workers <= 1:
+            return torch.cat([draw(m, g) for m, g in zip(sizes, gens)])
+        try:
+            with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(threads // workers,)) as ex:
+                return torch.cat(list(ex.map(draw, sizes, gens)))
+        finally:
+            torch.set_num_threads(threads)  # the workers' setting is also the default of threads started later
 
     return sample
 
@@ -196,7 +220,7 @@ class PosteriorScore(Estimator):
             return (x.reshape(n, B, *self.state_shape) * self.x_std + self.x_mean).clone()
 
         rows = pass_rows(int(h["sample_rows"]), math.prod(self.state_shape), self.device)
-        return SamplerPosterior(chunked_sampler(draw, B, rows), B, self.state_shape,
+        return SamplerPosterior(chunked_sampler(draw, B, rows, self.device), B, self.state_shape,
                                 device=self.device)
 
 
