@@ -238,6 +238,26 @@ def test_save_load_gives_identical_samples(tiny, tmp_path, mode):
     assert a.shape == (6, 4, 8) and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["composed", "guided"])
+def test_windows_beyond_a_pass_are_sampled_in_groups(tiny, mode):
+    """With fewer rows per pass than windows x scores, windows are sampled in groups of one pass: the first group's
+    samples are those of a posterior of its windows alone, with the same seed."""
+    task, train, _, ests = tiny
+    est = ests[mode]
+    _, y, m, t = train.get(torch.arange(5))
+    scores = len(est.lags) + 1 if mode == "composed" else 1
+    est.hparams["sample_rows"] = 2 * scores  # two windows per pass: groups (0, 1), (2, 3), (4,)
+    try:
+        a = est.posterior(y, m, t).sample(3, generator=torch.Generator().manual_seed(0))
+        b = est.posterior(y[:2], m[:2], t[:2]).sample(3, generator=torch.Generator().manual_seed(0))
+    finally:
+        est.hparams["sample_rows"] = ComposedScore.defaults["sample_rows"]
+    c = est.posterior(y, m, t).sample(3, generator=torch.Generator().manual_seed(0))  # one group
+    assert a.shape == c.shape == (3, 5, 8) and torch.isfinite(a).all()
+    assert torch.allclose(a[:, :2], b, rtol=0, atol=1e-5)
+    assert not torch.allclose(a[:, 2:4], b, rtol=0, atol=1e-2)
+
+
 def test_window_length_may_differ_from_training(tiny):
     task, train, _, ests = tiny
     est = ests["composed"]

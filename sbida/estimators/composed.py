@@ -564,14 +564,34 @@ class ComposedScore(Estimator):
                 raise ValueError(f"guidance must be 'sda', 'tweedie' or 'auto', got {guidance!r}")
             if guidance == "auto":
                 guidance = "tweedie" if self.linear_operators(lags) is not None else "sda"
-            eps_fn = self._guided(batch, lags, gamma) if guidance == "sda" else self._tweedie(batch, lags)
+
+            def make_eps(part: Batch):
+                return self._guided(part, lags, gamma) if guidance == "sda" else self._tweedie(part, lags)
         else:
             correction = h["correction"] if correction is None else correction
             if correction not in ("gauss", "none"):
                 raise ValueError(f"correction must be 'gauss' or 'none', got {correction!r}")
-            eps_fn = self._composed(batch, lags, correction)
-        B = batch.y.shape[0]
 
+            def make_eps(part: Batch):
+                return self._composed(part, lags, correction)
+        scores = len(lags) + 1 if mode == "composed" else 1
+        rows = max(1, pass_rows(int(h["sample_rows"]), math.prod(self.state_shape), self.device) // scores)
+        # windows in groups of at most `rows`, so that a pass of one sample per window stays within its rows
+        B = batch.y.shape[0]
+        samplers = []
+        for i in range(0, B, rows):
+            part = Batch(*(None if v is None else v[i:i + rows] for v in batch))
+            samplers.append(chunked_sampler(self._draw(make_eps(part), part.y.shape[0], steps, corrections, tau),
+                                            part.y.shape[0], rows, self.device))
+
+        def sample(n: int, generator: torch.Generator | None = None) -> Tensor:
+            return torch.cat([draw(n, generator) for draw in samplers], dim=1)
+
+        return SamplerPosterior(sample, B, self.state_shape, device=self.device)
+
+    def _draw(self, eps_fn: Callable[[int], Callable[[Tensor, Tensor], Tensor]], B: int, steps: int, corrections: int,
+              tau: float) -> Callable[[int, torch.Generator | None], Tensor]:
+        """``(n, generator) -> (n, B, *state)`` samples in original units, from ``eps_fn(n)`` of ``B`` windows."""
         def draw(n: int, generator: torch.Generator | None) -> Tensor:
             fn = eps_fn(n)
             with torch.no_grad():
@@ -579,10 +599,7 @@ class ComposedScore(Estimator):
                               self.dtype, self.device)
             return (x.reshape(n, B, *self.state_shape) * self.x_std + self.x_mean).clone()
 
-        scores = len(lags) + 1 if mode == "composed" else 1
-        rows = pass_rows(int(h["sample_rows"]), math.prod(self.state_shape), self.device) // scores
-        return SamplerPosterior(chunked_sampler(draw, B, rows, self.device), B, self.state_shape,
-                                device=self.device)
+        return draw
 
     def _heads(self, batch: Batch, lags: Sequence[int]):
         """Contexts of the ``T`` observations of each window and of the prior, stacked as ``(T + 1) B`` rows ``(k, b)``
