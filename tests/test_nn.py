@@ -144,3 +144,35 @@ def test_coda_pooling_equals_max_pool_with_ceil_mode_values_and_gradients(shape)
     w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
     assert torch.equal(torch.autograd.grad((out * w).sum(), x, retain_graph=True)[0],
                        torch.autograd.grad((ref * w).sum(), x)[0])
+
+
+@pytest.mark.parametrize("spatial, shape", [(1, (3, 2, 5, 16)), (2, (2, 4, 3, 8, 8))])
+def test_coda_inference_folds_batch_norm_into_the_convolutions_with_the_same_output(spatial, shape, monkeypatch):
+    """In eval mode the blocks fold batch norm (running statistics, affine) into their convolutions: same output and
+    input gradient as convolution, batch norm and ReLU applied one after the other."""
+    import torch.nn.functional as F
+
+    from sbida.nn import coda_unet
+
+    torch.manual_seed(0)
+    net = coda_unet.CODAUNet(shape[1], 1, spatial, (4, 8)).eval()
+    for mod in net.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.running_mean.normal_()
+            mod.running_var.uniform_(0.2, 3.0)
+            mod.weight.data.normal_()
+            mod.bias.data.normal_()
+    x = torch.randn(shape, requires_grad=True)
+    out = net(x)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+
+    def plain(block, h):
+        for conv, norm in block.layers:
+            h = F.relu(norm(conv(coda_unet._circular_space(h, block.spatial, block.pad))))
+        return h
+
+    monkeypatch.setattr(coda_unet._Block, "forward", plain)
+    ref = net(x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    assert ref.abs().max() > 0.1
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5) and torch.allclose(g, g_ref, rtol=1e-4, atol=1e-5)
