@@ -44,8 +44,9 @@ def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM
         Whether both were set: ``False`` where the C library is not glibc (macOS, Windows, musl) or rejects a value.
     """
     global _tuned
-    if mmap_threshold <= 0 or trim_threshold <= 0:
-        raise ValueError(f"thresholds must be positive byte counts, got {mmap_threshold} and {trim_threshold}")
+    if not (0 < mmap_threshold < 2**31 and 0 < trim_threshold < 2**31):  # mallopt takes a C int
+        raise ValueError(f"thresholds must be positive byte counts below 2**31, got {mmap_threshold} and "
+                         f"{trim_threshold}")
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:

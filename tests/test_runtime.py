@@ -27,6 +27,8 @@ def test_other_c_libraries_are_left_alone(monkeypatch):
 def test_bad_thresholds_are_refused():
     with pytest.raises(ValueError, match="positive"):
         runtime.tune_malloc(mmap_threshold=0)
+    with pytest.raises(ValueError, match="below 2"):
+        runtime.tune_malloc(trim_threshold=2**32)
 
 
 TUNED = str((runtime.MMAP_THRESHOLD, runtime.TRIM_THRESHOLD))
