@@ -2,7 +2,7 @@
 
 What it measures (CPU, one run, figures printed as tables and written to JSON):
 
-1. ``lorenz96-sparse`` (K=40, dt=0.01, 75 % missing, sigma=1, 25-step windows centred on the target): CODA trained on
+1. ``lorenz96-sparse`` (K=40, dt=0.01, 75 % missing, sigma=1, 51-step windows centred on the target): CODA trained on
    observations only with ``alpha = 1`` and ``alpha = 0`` (the same budget), OI, EnKS (100 members, inflation
    tuned) and 4D-Var on the same held-out windows: RMSE of the mean, CRPS and coverage ECE (CODA's Laplace
    posterior), time per window and its ratio to CODA's. The cycled ETKF over the same test trajectories (all past

@@ -177,7 +177,7 @@ def test_scaling_plots_a_kolmogorov_only_study_and_refuses_an_empty_one(tmp_path
 
 # -- ablations.py ------------------------------------------------------------------------------------------------------
 def test_ablation_transforms_remove_time_and_mask():
-    task = sbida.tasks.get("lorenz96-sparse", K=8, n_trajectories=2, n_states=40)
+    task = sbida.tasks.get("lorenz96-sparse", K=8, n_trajectories=2, n_states=64)
     data = task.simulate(progress=False)
     x, y, m, t = data.get(torch.arange(5))
     x0, y0, m0, t0 = ablations.without_time(data).get(torch.arange(5))

@@ -31,11 +31,11 @@ def sparse():
 def test_windows_pick_the_right_observations(sparse):
     _, data = sparse
     view = CODAWindows(data, rollout=5)
-    offsets = data.window.offsets()  # -12 .. 12
-    assert int(view.targets[0]) == 12 and int(view.targets[-1]) == 160 - 1 - 5 - 12
+    offsets = data.window.offsets()  # -25 .. 25
+    assert int(view.targets[0]) == 25 and int(view.targets[-1]) == 160 - 1 - 5 - 25
     i = torch.tensor([0, len(view.targets) + 3, len(view) - 1])
     yw, mw, ys, ms, yr, mr, t, tw = view.get(i)
-    assert yw.shape == (3, 25, 40) and yr.shape == (3, 6, 40) and t.shape == (3,)
+    assert yw.shape == (3, 51, 40) and yr.shape == (3, 6, 40) and t.shape == (3,)
     n, s = 1, int(view.targets[3])
     assert torch.equal(yw[1], data.y[n, s + offsets[0]: s + offsets[-1] + 1])
     assert torch.equal(ys[1], data.y[n, s + 5 + offsets[0]: s + 5 + offsets[-1] + 1])
@@ -202,7 +202,7 @@ def test_bad_input(trained):
     with pytest.raises(ValueError, match="divisible"):
         CODA(task, channels=[8, 8, 8, 8, 8])
     _, y, m, t = trained[2].get(torch.arange(4))
-    with pytest.raises(ValueError, match="window of 25"):
+    with pytest.raises(ValueError, match="window of 51"):
         est.posterior(y[:, :10], m[:, :10], t)
 
 

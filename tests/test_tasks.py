@@ -8,7 +8,7 @@ from sbida import tasks
 
 SHAPES = {
     "lorenz96": ((40,), (10,), 10, "end"),
-    "lorenz96-sparse": ((40,), (40,), 25, "centre"),
+    "lorenz96-sparse": ((40,), (40,), 51, "centre"),
     "lorenz96-two-scale": ((36,), (36,), 25, "centre"),
     "kolmogorov": ((2, 32, 32), (2, 6, 6), 10, "end"),
     "linear-gaussian": ((32,), (32,), 10, "end"),
@@ -62,7 +62,7 @@ def test_unknown_task_and_custom_file(tmp_path):
 
 @pytest.mark.parametrize("name", ["lorenz96", "lorenz96-sparse", "lorenz96-two-scale", "linear-gaussian"])
 def test_tasks_simulate_small(name):
-    data = tasks.get(name).simulate(progress=False, n_trajectories=4, n_states=40)
+    data = tasks.get(name).simulate(progress=False, n_trajectories=4, n_states=64)
     assert data.state_shape == SHAPES[name][0] and data.obs_shape == SHAPES[name][1]
     assert torch.isfinite(data.states).all() and len(data) > 0
     observed = data.mask.float().mean().item()
