@@ -20,7 +20,10 @@ whose class refuses the task) is skipped with the reason its class gives.
     python benchmarks/run.py TASK [--quick | --smoke] [--out DIR] [--estimators npe score ...]
                              [--baselines climatology interpolation oi enks fourdvar] [--seed 0] [--threads N]
                              [--windows N] [--samples M] [--timing-samples S] [--train-minutes MIN]
-                             [key=value task overrides]
+                             [section.key=value task overrides] [--set NAME.KEY=VALUE NAME.fit.KEY=VALUE ...]
+
+``--set`` changes an estimator's hyperparameters or fit arguments from those of its configuration file, e.g.
+``--set nre.loss=bnre nre.fit.lr=1e-3``; unknown names and keys fail before any work.
 """
 
 from __future__ import annotations
@@ -115,7 +118,8 @@ def _applicable(task, estimators: list[str], baselines: list[str]) -> tuple[list
 
 def benchmark_config(task: str, mode: str = "full", estimators: list[str] | None = None,
                      baselines: list[str] | None = None, seed: int = 0, task_overrides: dict | None = None,
-                     out: str | Path | None = None) -> tuple[RunConfig, dict[str, str]]:
+                     out: str | Path | None = None,
+                     settings: dict[str, dict] | None = None) -> tuple[RunConfig, dict[str, str]]:
     """The run configuration of a benchmark, and the methods left out with the reason.
 
     Args:
@@ -126,6 +130,8 @@ def benchmark_config(task: str, mode: str = "full", estimators: list[str] | None
         seed: the run's seed.
         task_overrides: nested task overrides, e.g. ``{"simulator": {"K": 8}}``.
         out: the run folder.
+        settings: estimator settings over those of the configuration files and the mode, by estimator:
+            ``{"nre": {"estimator": {"loss": "bnre"}, "fit": {"lr": 1e-3}}}`` (see :func:`parse_settings`).
 
     Returns:
         A :class:`~sbida.runs.RunConfig` and ``{name: reason}`` of the skipped methods.
@@ -147,6 +153,10 @@ def benchmark_config(task: str, mode: str = "full", estimators: list[str] | None
     t = sbida.tasks.get(task, *dotlist)
     est_ok, base_ok, skipped = _applicable(t, estimators, baselines)
     skipped.update(quick_skip)
+    settings = settings or {}
+    stray = sorted(set(settings) - set(est_ok))
+    if stray:
+        raise ValueError(f"settings for {stray}, which this run does not train (its estimators: {est_ok})")
     specs = {}
     for name in est_ok:
         fit = {}
@@ -157,6 +167,8 @@ def benchmark_config(task: str, mode: str = "full", estimators: list[str] | None
         hp = {}
         if name == "coda":  # the rollout may not exceed the window
             hp["rollout"] = min(int(_default(name, "rollout", 25)), t.window.length)
+        hp.update(settings.get(name, {}).get("estimator", {}))
+        fit.update(settings.get(name, {}).get("fit", {}))
         specs[name] = EstimatorSpec(kind=name, estimator=hp, fit=fit)
     base_over = {"quick": BASELINE_QUICK, "smoke": BASELINE_SMOKE}.get(mode, {})
     bspecs = {name: BaselineSpec(kind=name, options=dict(base_over.get(name, {})), tune=name == "enks")
@@ -226,7 +238,8 @@ def run_benchmark(task: str, out: str | Path, mode: str = "full", estimators: li
                   baselines: list[str] | None = None, seed: int = 0, task_overrides: dict | None = None,
                   reference_cache: str | Path | None = None, progress: bool = True, echo: bool = True,
                   report: bool = True, windows: int | None = None, samples: int | None = None,
-                  timing_samples: int = 1000, train_minutes: float | None = None) -> dict:
+                  timing_samples: int = 1000, train_minutes: float | None = None,
+                  settings: dict[str, dict] | None = None) -> dict:
     """Train, fit, evaluate and time every method on the same test windows; write JSON and the HTML report.
 
     Args:
@@ -243,6 +256,7 @@ def run_benchmark(task: str, out: str | Path, mode: str = "full", estimators: li
         timing_samples: samples drawn for the one-window timing (reported per 1000 samples, scaled linearly:
             fewer keep the slow samplers of large states affordable).
         train_minutes: training budget of each estimator in minutes (``max_time``; its epochs then unbounded).
+        settings: estimator settings over the configuration files' (see :func:`benchmark_config`).
 
     Returns:
         The benchmark record: ``rows`` (one per method: the table's values), ``skipped``, ``reference`` and the
@@ -251,7 +265,7 @@ def run_benchmark(task: str, out: str | Path, mode: str = "full", estimators: li
     from sbida.diagnostics import evaluate
     from sbida.report.html import draw_examples
 
-    cfg, skipped = benchmark_config(task, mode, estimators, baselines, seed, task_overrides, out)
+    cfg, skipped = benchmark_config(task, mode, estimators, baselines, seed, task_overrides, out, settings)
     if windows is not None:
         cfg.evaluation.max_windows = int(windows)
     if samples is not None:
@@ -372,6 +386,27 @@ def _parse_overrides(items: list[str]) -> dict:
     return over
 
 
+def parse_settings(items: list[str]) -> dict[str, dict]:
+    """``NAME.KEY=VALUE`` (a hyperparameter) or ``NAME.fit.KEY=VALUE`` (a fit argument) -> nested settings.
+
+    Values are read as JSON where they parse (``3``, ``1e-3``, ``[32, 64]``, ``null``), as strings otherwise.
+    """
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) not in (2, 3) or (len(parts) == 3 and parts[1] != "fit") or not all(parts):
+            raise ValueError(f"estimator settings are NAME.KEY=VALUE or NAME.fit.KEY=VALUE (e.g. nre.loss=bnre, "
+                             f"npe.fit.lr=1e-3), got {item!r}")
+        try:
+            v = json.loads(value)
+        except json.JSONDecodeError:
+            v = value
+        section = "fit" if len(parts) == 3 else "estimator"
+        out.setdefault(parts[0], {}).setdefault(section, {})[parts[-1]] = v
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line of ``run.py``; task overrides may come before or after the options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -392,6 +427,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-samples", type=int, default=1000,
                    help="samples of the one-window timing (reported per 1000, scaled linearly)")
     p.add_argument("--train-minutes", type=float, default=None, help="training budget of each estimator")
+    p.add_argument("--set", nargs="+", default=[], metavar="NAME.KEY=VALUE", dest="settings",
+                   action="extend", help="estimator settings over configs/estimators/*.yaml, e.g. nre.loss=bnre "
+                   "npe.fit.lr=1e-3 (task overrides go before --set)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -405,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     record = run_benchmark(a.task, out, mode, a.estimators, a.baselines, a.seed, _parse_overrides(a.overrides),
                            a.reference_cache, progress=not a.quiet, echo=not a.quiet, report=not a.no_report,
                            windows=a.windows, samples=a.samples, timing_samples=a.timing_samples,
-                           train_minutes=a.train_minutes)
+                           train_minutes=a.train_minutes, settings=parse_settings(a.settings))
     print(f"\n{a.task} ({mode}): {record['train_windows']} training windows, {record['test_windows']} test windows x "
           f"{record['n_samples']} samples; C2ST reference: {record['reference'] or 'none'}")
     print(format_table(record["rows"]))

@@ -199,6 +199,25 @@ def test_run_py_takes_task_overrides_before_or_after_the_options():
         assert (a.task, a.overrides, a.quick) == ("lorenz96", ["simulator.K=8"], True)
 
 
+def test_run_py_sets_estimator_settings_and_rejects_bad_ones():
+    a = bench.parser().parse_intermixed_args(["lorenz96", "simulator.K=8", "--set", "nre.loss=bnre", "nre.fit.lr=1e-3",
+                                              "nre.ratio_depth=2"])
+    settings = bench.parse_settings(a.settings)
+    assert a.overrides == ["simulator.K=8"]
+    assert settings == {"nre": {"estimator": {"loss": "bnre", "ratio_depth": 2}, "fit": {"lr": 1e-3}}}
+    cfg, _ = bench.benchmark_config("lorenz96", "quick", estimators=["nre"], baselines=[], settings=settings)
+    _, hp, fit = sbida.runs._estimator_settings(cfg, "nre")
+    assert (hp["loss"], hp["ratio_depth"], fit["lr"], fit["epochs"]) == ("bnre", 2, 1e-3, bench.FIT_QUICK["epochs"])
+    for bad in (["nre.loss"], ["nre.fit.x.y=1"], ["nre=1"], ["nre.est.lr=1"]):
+        with pytest.raises(ValueError, match="NAME.KEY=VALUE"):
+            bench.parse_settings(bad)
+    with pytest.raises(ValueError, match="does not train"):
+        bench.benchmark_config("lorenz96", "quick", estimators=["npe"], baselines=[], settings=settings)
+    with pytest.raises(ValueError, match="unknown key 'estimators.nre.estimator.lossy'"):
+        bench.benchmark_config("lorenz96", "quick", estimators=["nre"], baselines=[],
+                               settings={"nre": {"estimator": {"lossy": 1}}})
+
+
 class _Gaussian:
     """A stand-in estimator whose posterior is a given Gaussian (float32) for every window."""
 
