@@ -7,7 +7,7 @@ import torch
 
 import sbida
 from sbida.estimators import NRE, Estimator, load
-from sbida.estimators.nre import _hessian, _sample_windows
+from sbida.estimators.nre import _empirical_metric, _hessian, _mala, _resample, _sample_windows
 from sbida.posterior import SamplerPosterior
 
 SMALL = {"channels": 8, "depth": 1, "emb_features": 8, "ratio_channels": 8, "steps": 4}
@@ -89,6 +89,35 @@ def test_laplace_sampler_is_exact_on_an_ill_conditioned_gaussian():
     assert (((w_diag.std(0) - 1).abs() > 0.3) | (w_diag.mean(0).abs() > 0.3)).all(), (w_diag.mean(0), w_diag.std(0))
 
 
+def test_reference_resampling_and_mala_are_exact_on_a_correlated_gaussian():
+    """The ``"reference"`` proposal's steps: candidates from a wider, shifted Gaussian reference, resampled with
+    weights target / reference, then MALA with the candidates' covariance as mass matrix: the target's moments."""
+    g = torch.Generator().manual_seed(1)
+    D, b, m = 12, 2, 4000
+    k = torch.arange(D, dtype=torch.float64)
+    corr = torch.exp(-((k[:, None] - k[None]) % D).minimum((k[None] - k[:, None]) % D).square() / 6)
+    cov = (0.8 * corr + 0.05 * torch.eye(D)).expand(b, D, D).float()
+    mu = torch.randn(b, D, generator=g)
+    target = torch.distributions.MultivariateNormal(mu, cov)
+    ref = torch.distributions.MultivariateNormal(mu + 0.3, 2.0 * cov)  # g: wider and shifted
+    cand = ref.loc + torch.einsum("bij,mbj->mbi", torch.linalg.cholesky(ref.covariance_matrix),
+                                  torch.randn(m, b, D, generator=g))
+    mass = _empirical_metric(cand, dense=True)
+    z = _resample(cand, target.log_prob(cand) - ref.log_prob(cand), 2000, g)
+    z, acc = _mala(target.log_prob, z, 20, mass, g)
+    assert ((acc > 0.3) & (acc < 0.95)).all(), acc
+    sd = cov.diagonal(dim1=-2, dim2=-1).sqrt()
+    emp = torch.einsum("nbi,nbj->bij", z - z.mean(0), z - z.mean(0)) / (len(z) - 1)
+    err_mean = ((z.mean(0) - mu) / sd).abs().max()
+    err_cov = ((emp - cov) / (sd[:, :, None] * sd[:, None, :])).abs().max()
+    assert err_mean < 0.12 and err_cov < 0.12, (float(err_mean), float(err_cov))
+    # resampling alone with uniform weights keeps the reference (twice the variance): the weights do the work
+    flat = _resample(cand, torch.zeros(m, b), 2000, g)
+    assert (flat.var(0) / cov.diagonal(dim1=-2, dim2=-1) > 1.6).float().mean() > 0.9
+    diag = _empirical_metric(cand, dense=False)
+    assert diag.root.shape == (b, D) and torch.allclose(diag.root.square(), cand.var(0), rtol=0.01)
+
+
 def test_loss_variants_and_marginal(tiny):
     task, train, val, est = tiny
     x, y, m, t = train.get(torch.arange(16))
@@ -151,37 +180,42 @@ def test_laplace_fit_is_made_once_per_posterior(tiny, monkeypatch):
     real = nre_module._laplace
     monkeypatch.setattr(nre_module, "_laplace", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, y, m, t = train.get(torch.arange(5))
-    post = est.posterior(y, m, t)
+    post = est.posterior(y, m, t, proposal="laplace")
     a = post.sample(6, generator=torch.Generator().manual_seed(0))
     first = len(calls)
     b = post.sample(6, generator=torch.Generator().manual_seed(0))
     assert first >= 1 and len(calls) == first and torch.equal(a, b)
-    est.posterior(y, m, t).sample(6)  # a new posterior object makes its own fit
+    est.posterior(y, m, t, proposal="laplace").sample(6)  # a new posterior object makes its own fit
     assert len(calls) == 2 * first
 
 
-def test_auto_proposal_is_laplace_for_small_states_and_learned_beyond(tiny, monkeypatch):
-    """``proposal="auto"`` (the default) fits the Laplace proposal up to ``LAPLACE_MAX`` values, and the learned
-    location-scale map beyond (the Hessian costs D passes per window); ``posterior(..., proposal=)`` overrides it."""
+def test_auto_proposal_is_the_reference_with_a_flow_else_laplace_for_small_states(tiny, monkeypatch):
+    """``proposal="auto"`` (the default) resamples draws of the flow reference; with the diagonal reference it fits
+    the Laplace proposal up to ``LAPLACE_MAX`` values and takes the learned location-scale map beyond (the Hessian
+    costs D passes per window); ``posterior(..., proposal=)`` overrides it."""
     import sbida.estimators.nre as nre_module
 
     task, train, _, est = tiny
-    assert est.hparams["proposal"] == "auto"
+    assert est.hparams["proposal"] == "auto" and est._proposal_kind("auto") == "reference"
+    diag = NRE(task, reference="diag", **SMALL)
+    assert diag._proposal_kind("auto") == "laplace"
     calls = []
     real = nre_module._laplace
     monkeypatch.setattr(nre_module, "_laplace", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, y, m, t = train.get(torch.arange(3))
     g = torch.Generator().manual_seed(0)
-    est.posterior(y, m, t).sample(4, generator=g)
-    assert len(calls) >= 1  # K = 8: Laplace
+    default = est.posterior(y, m, t)
+    a = default.sample(5, generator=torch.Generator().manual_seed(2))
+    assert not calls and a.shape == (5, 3, 8) and torch.isfinite(a).all() and default.acceptance.shape == (3,)
+    again = est.posterior(y, m, t, proposal="reference").sample(5, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, again)
+    est.posterior(y, m, t, proposal="laplace").sample(4, generator=g)
+    assert len(calls) >= 1
     n = len(calls)
     learned = est.posterior(y, m, t, proposal="learned").sample(4, generator=g)
     assert len(calls) == n and learned.shape == (4, 3, 8)
     monkeypatch.setattr(nre_module, "LAPLACE_MAX", 4)  # now K = 8 is a large state
-    est.posterior(y, m, t).sample(4, generator=g)
-    assert len(calls) == n
-    est.posterior(y, m, t, proposal="laplace").sample(4, generator=g)
-    assert len(calls) > n
+    assert diag._proposal_kind("auto") == "learned" and est._proposal_kind("auto") == "reference"
 
 
 def test_save_load_gives_identical_samples(tiny, tmp_path):
