@@ -151,6 +151,37 @@ def test_loss_variants_and_marginal(tiny):
     assert torch.allclose(diag.marginal_log_prob(z), ref, atol=1e-4)
 
 
+def test_flow_marginal_fits_lorenz96_states_better_than_the_gaussian_and_is_frozen(tmp_path):
+    """``marginal="flow"``: held-out Lorenz-96 states (skewed, not Gaussian) are likelier under the fitted grid flow
+    than under the Gaussian marginal (measured: 0.05 nats per value after 300 steps); the flow is then frozen, and
+    saved with the estimator."""
+    task = sbida.tasks.get("lorenz96", K=8, n_trajectories=64, n_states=200)
+    train, val = task.simulate(progress=False).split(0.75, 0.25, seed=0)
+    flow = NRE(task, marginal="flow", marginal_steps=300, **SMALL)
+    flow.fit_standardization(train)
+    gauss = NRE(task, **SMALL)
+    gauss.fit_standardization(train)
+    x = val.get(torch.arange(len(val)))[0]
+    z = ((x - flow.x_mean) / flow.x_std).flatten(1)
+    with torch.no_grad():
+        gain = (flow.marginal_log_prob(z).mean() - gauss.marginal_log_prob(z).mean()) / z.shape[-1]
+    assert gain > 0.025, float(gain)
+    assert not any(p.requires_grad for p in flow.marginal_flow.parameters())
+    # the same seed, then training: the ratio losses leave the fitted marginal flow as it was
+    trained = NRE(task, marginal="flow", marginal_steps=300, **SMALL)
+    trained.fit(train, val, epochs=1, steps_per_epoch=3, batch_size=32, progress=False)
+    after = trained.marginal_flow.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in flow.marginal_flow.state_dict().items())
+    assert not torch.equal(trained.ratio.out.weight, NRE(task, **SMALL).ratio.out.weight)  # the classifier trained
+    other = load(trained.save(tmp_path / "nre.pt"))
+    with torch.no_grad():
+        assert torch.equal(other.marginal_log_prob(z[:5]), trained.marginal_log_prob(z[:5]))
+    with pytest.raises(ValueError, match="marginal must be"):
+        NRE(task, marginal="kde")
+    with pytest.raises(ValueError, match="marginal_steps"):
+        NRE(task, marginal="flow", marginal_steps=0)
+
+
 def test_posterior_shapes_and_unnormalized_density(tiny):
     task, train, _, est = tiny
     x, y, m, t = train.get(torch.arange(5))

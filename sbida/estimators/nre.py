@@ -8,8 +8,9 @@ is the ratio of the posterior to the state marginal,
           \log q(x \mid y, t) = \log r_\phi(\tilde x, y, t) + \log \hat p(\tilde x) - \textstyle\sum_i \log \sigma_{x,i}
           + \text{const}(y, t),
 
-with :math:`\hat p` a Gaussian fitted to the standardized training states. The losses are lampe's binary
-cross-entropy (NRE; Hermans et al., 2020) and its balanced variant (BNRE; Delaunoy et al., 2022),
+with :math:`\hat p` a Gaussian (or, with ``marginal="flow"``, a grid flow) fitted to the standardized training
+states. The losses are lampe's binary cross-entropy (NRE; Hermans et al., 2020) and its balanced variant (BNRE;
+Delaunoy et al., 2022),
 :math:`\ell + \lambda\,(\mathbb{E}[d(x, y)] + \mathbb{E}[d(x', y)] - 1)^2`.
 
 The classifier puts the standardized state as a channel beside the window encoder's context map, runs periodic
@@ -134,7 +135,7 @@ class RatioNet(nn.Module):
 
 class NRE(Estimator):
     """Neural ratio estimation with a window encoder, a convolutional classifier, a learned reference density and a
-    Laplace/MALA sampler.
+    importance-resampling/MALA sampler.
 
     Hyperparameters (``NRE.defaults``): encoder ``channels``, ``depth``, ``kernel_size``, ``emb_features``,
     ``aggregate``; classifier ``ratio_channels``, ``ratio_depth``, ``ratio_kernel``; reference ``reference``
@@ -142,8 +143,10 @@ class NRE(Estimator):
     ``ref_transforms``, ``ref_hidden``, ``ref_kernel``, ``ref_levels`` (the grid flow's couplings per level, hidden
     widths, kernel and levels); ``loss`` (``"nre"`` or ``"bnre"``) and ``lmbda`` (BNRE's balance weight);
     ``contrast_weight`` (the cross-entropy against reference draws), ``proposal_weight`` (the reference's negative
-    log-likelihood per cell); ``marginal`` (``"full"`` or ``"diag"`` covariance of the fitted state marginal) and
-    ``shrinkage`` (of its covariance towards the diagonal); sampler ``proposal`` (``"reference"``, ``"laplace"``,
+    log-likelihood per cell); ``marginal``, the state marginal p^ of the ratio: a Gaussian with ``"full"`` or
+    ``"diag"`` covariance, or ``"flow"``, an unconditional grid flow (the reference's sizes, a constant context)
+    fitted by maximum likelihood in ``marginal_steps`` Adam steps before training and then frozen; ``shrinkage`` (of
+    the Gaussian's covariance towards the diagonal); sampler ``proposal`` (``"reference"``, ``"laplace"``,
     ``"learned"`` or ``"auto"``: the reference with a flow reference, else Laplace for states of up to
     ``LAPLACE_MAX`` values and learned beyond; see the module docstring),
     ``newton`` (Newton steps to the mode), ``steps`` (MALA steps), ``inflate`` (proposal scale factor),
@@ -155,16 +158,18 @@ class NRE(Estimator):
         "ratio_channels": 32, "ratio_depth": 1, "ratio_kernel": 3,
         "reference": "flow", "ref_transforms": 2, "ref_hidden": [32], "ref_kernel": 5, "ref_levels": None,
         "loss": "nre", "lmbda": 100.0, "contrast_weight": 1.0, "proposal_weight": 1.0,
-        "marginal": "full", "shrinkage": 0.01, "proposal": "auto", "newton": 3, "steps": 10, "inflate": 1.1,
-        "sample_rows": 65536,
+        "marginal": "full", "marginal_steps": 2000, "shrinkage": 0.01, "proposal": "auto", "newton": 3, "steps": 10,
+        "inflate": 1.1, "sample_rows": 65536,
     }
 
     def build(self) -> None:
         h = self.hparams
         if h["loss"] not in ("nre", "bnre"):
             raise ValueError(f"loss must be 'nre' or 'bnre', got {h['loss']!r}")
-        if h["marginal"] not in ("full", "diag"):
-            raise ValueError(f"marginal must be 'full' or 'diag', got {h['marginal']!r}")
+        if h["marginal"] not in ("full", "diag", "flow"):
+            raise ValueError(f"marginal must be 'full', 'diag' or 'flow', got {h['marginal']!r}")
+        if int(h["marginal_steps"]) < 1:
+            raise ValueError(f"marginal_steps must be >= 1, got {h['marginal_steps']}")
         if h["reference"] not in ("flow", "diag"):
             raise ValueError(f"reference must be 'flow' or 'diag', got {h['reference']!r}")
         if int(h["steps"]) < 0 or float(h["inflate"]) <= 0 or int(h["newton"]) < 0:
@@ -185,7 +190,12 @@ class NRE(Estimator):
             self.flow = GridFlow(self.state_shape, h["channels"], int(h["ref_transforms"]), list(h["ref_hidden"]),
                                  int(h["ref_kernel"]), h["ref_levels"])
         D = self.event_size
-        self.register_buffer("marginal_tril", torch.eye(D) if h["marginal"] == "full" else torch.ones(D))
+        self.register_buffer("marginal_tril", torch.ones(D) if h["marginal"] == "diag" else torch.eye(D))
+        self.marginal_flow = None
+        if h["marginal"] == "flow":  # unconditional: a constant (zero) context map, so translation-invariant
+            self.marginal_flow = GridFlow(self.state_shape, 1, int(h["ref_transforms"]), list(h["ref_hidden"]),
+                                          int(h["ref_kernel"]), h["ref_levels"])
+            self.register_buffer("marginal_context", torch.zeros(1, 1, *self.encoder.grid))
 
     # -- pieces ------------------------------------------------------------------------------------------------
     def fit_standardization(self, data: WindowDataset, max_windows: int = 20000, seed: int = 0) -> None:
@@ -202,9 +212,33 @@ class NRE(Estimator):
         lam = float(self.hparams["shrinkage"])
         C = (1 - lam) * C + lam * torch.diag(C.diagonal())
         self.marginal_tril.copy_(torch.linalg.cholesky(C))
+        if self.marginal_flow is not None:
+            self._fit_marginal_flow(x.to(self.x_mean.dtype), int(self.hparams["marginal_steps"]), g)
+
+    def _fit_marginal_flow(self, x: Tensor, steps: int, generator: torch.Generator, batch_size: int = 256) -> None:
+        """Maximum likelihood of the marginal flow on standardized flat states ``x`` ``(N, D)``: ``steps`` Adam steps
+        (cosine schedule), then frozen (the ratio losses do not train it)."""
+        flow = self.marginal_flow
+        flow.requires_grad_(True)
+        opt = torch.optim.Adam(flow.parameters(), lr=2e-3)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        x = x.to(self.marginal_context.device)
+        for _ in range(steps):
+            idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=generator)
+            loss = -self.marginal_log_prob(x[idx.to(x.device)]).mean() / x.shape[-1]
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(flow.parameters(), 1.0)
+            opt.step()
+            sched.step()
+        flow.requires_grad_(False)
 
     def marginal_log_prob(self, x: Tensor) -> Tensor:
         """Log-density of the fitted marginal at standardized flat states ``(..., D)`` -> ``(...)``."""
+        if self.marginal_flow is not None:
+            flat = x.reshape(-1, x.shape[-1])
+            dist = self.marginal_flow(self.marginal_context.expand(len(flat), *self.marginal_context.shape[1:]))
+            return dist.log_prob(flat).reshape(x.shape[:-1])
         L = self.marginal_tril
         if L.dim() == 1:
             z = x / L
