@@ -145,7 +145,8 @@ class NRE(Estimator):
     ``contrast_weight`` (the cross-entropy against reference draws), ``proposal_weight`` (the reference's negative
     log-likelihood per cell); ``marginal``, the state marginal p^ of the ratio: a Gaussian with ``"full"`` or
     ``"diag"`` covariance, or ``"flow"``, an unconditional grid flow (the reference's sizes, a constant context)
-    fitted by maximum likelihood in ``marginal_steps`` Adam steps before training and then frozen; ``shrinkage`` (of
+    fitted by maximum likelihood in ``marginal_steps`` Adam steps before training and then frozen (on ``lorenz96``
+    K=40 it did not improve the posterior after 25 minutes of training: ``benchmarks/RESULTS.md``); ``shrinkage`` (of
     the Gaussian's covariance towards the diagonal); sampler ``proposal`` (``"reference"``, ``"laplace"``,
     ``"learned"`` or ``"auto"``: the reference with a flow reference, else Laplace for states of up to
     ``LAPLACE_MAX`` values and learned beyond; see the module docstring),
