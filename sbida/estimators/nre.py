@@ -322,7 +322,7 @@ class NRE(Estimator):
     # -- inference ---------------------------------------------------------------------------------------------
     def _proposal_kind(self, proposal: str) -> str:
         """``"laplace"``, ``"learned"`` or ``"reference"``: the sampler's proposal, with ``"auto"`` resolved by the
-        state size."""
+        kind of reference and the state size."""
         if proposal not in ("auto", "laplace", "learned", "reference"):
             raise ValueError(f"proposal must be 'auto', 'laplace', 'learned' or 'reference', got {proposal!r}")
         if proposal == "auto":
@@ -406,21 +406,16 @@ class NRE(Estimator):
 
         def sample_fn(n: int, generator: torch.Generator | None) -> Tensor:
             out, acc = [], []
-            if kind == "reference":
-                chunk = max(1, rows // max(n, REFERENCE_CANDIDATES))
-                for i in range(0, B, chunk):
-                    z, a = from_reference(slice(i, min(B, i + chunk)), n, generator)
-                    out.append(z)
-                    acc.append(a)
-            else:
-                m = metric()
-                chunk = max(1, rows // n)
-                for i in range(0, B, chunk):
-                    j = slice(i, min(B, i + chunk))
-                    z, a = _sample_windows(target(j), m.loc[j], None, n, steps, generator, inflate=inflate,
-                                           metric=m[j])
-                    out.append(z)
-                    acc.append(a)
+            chunk = max(1, rows // (max(n, REFERENCE_CANDIDATES) if kind == "reference" else n))
+            for i in range(0, B, chunk):
+                j = slice(i, min(B, i + chunk))
+                if kind == "reference":
+                    z, a = from_reference(j, n, generator)
+                else:
+                    m = metric()[j]
+                    z, a = _sample_windows(target(j), m.loc, None, n, steps, generator, inflate=inflate, metric=m)
+                out.append(z)
+                acc.append(a)
             post.acceptance = torch.cat(acc)
             x = torch.cat(out, 1) * x_std + x_mean
             return x.reshape(n, B, *self.state_shape)
