@@ -373,8 +373,9 @@ class NRE(Estimator):
         newton = int(self.hparams["newton"])
         cache: dict[str, _Metric] = {}
 
-        def target(j: slice):
-            return functools.partial(self.log_posterior, context=context[j], ref=self.reference(hmap[j]))
+        def target(j: slice, ref_j: Distribution | None = None):
+            ref_j = self.reference(hmap[j]) if ref_j is None else ref_j
+            return functools.partial(self.log_posterior, context=context[j], ref=ref_j)
 
         def metric() -> _Metric:
             """The proposal of all windows: the Laplace fit (made once, in chunks of ``rows / D`` windows), or the
@@ -402,7 +403,7 @@ class NRE(Estimator):
                 log_w = self.ratio(cand, context[j])  # log q - log g = f
                 mass = _empirical_metric(cand, dense=D <= LAPLACE_MAX)
                 z = _resample(cand, log_w, n, generator)
-            return _mala(target(j), z, steps, mass, generator)
+            return _mala(target(j, ref_j), z, steps, mass, generator)
 
         def sample_fn(n: int, generator: torch.Generator | None) -> Tensor:
             out, acc = [], []
