@@ -16,6 +16,7 @@ spread/skill and ECE (mean |coverage - level|).
   training set), the same steps for all, on the same test windows.
 
     python benchmarks/ablations.py [--quick | --smoke] [--estimators npe ...] [--only time mask window budget]
+                                   [--windows N] [--samples S]
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDatas
         early: indices of test windows to score it on as well (e.g. :func:`transient_windows`): keys ``*_early``.
 
     Returns:
-        ``{"rmse", "nrmse", "crps", "spread_skill", "ece", "train_windows", "seconds"}`` (and ``"rmse_early"``,
-        ``"nrmse_early"``, ``"spread_skill_early"``, ``"ece_early"``, ``"early_windows"`` with ``early``).
+        ``{"rmse", "nrmse", "crps", "spread_skill", "ece", "train_windows", "test_windows", "seconds"}`` (and
+        ``"rmse_early"``, ``"nrmse_early"``, ``"spread_skill_early"``, ``"ece_early"``, ``"early_windows"`` with
+        ``early``).
     """
     hp = {"rollout": min(task.window.length, 25)} if estimator == "coda" else {}
     cfg = RunConfig(task=task.name, estimators={estimator: EstimatorSpec(kind=estimator, estimator=hp, fit=fit)},
@@ -85,7 +87,7 @@ def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDatas
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n_windows].sort().values
     r = evaluate(est, test, n_samples=n_samples, indices=idx, progress=False, seed=seed)
     res = {"rmse": r.rmse, "nrmse": r.nrmse, "crps": r.crps, "spread_skill": r.spread_skill, "ece": r.coverage.ece,
-           "train_windows": len(train), "seconds": seconds}
+           "train_windows": len(train), "test_windows": len(idx), "seconds": seconds}
     if early is not None:
         e = evaluate(est, test, n_samples=n_samples, indices=early, progress=False, seed=seed)
         res |= {"rmse_early": e.rmse, "nrmse_early": e.nrmse, "spread_skill_early": e.spread_skill,
@@ -118,12 +120,21 @@ def _table(title: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int | None = None) -> dict:
-    """All the ablations of ``only`` for each estimator; returns ``{ablation: rows}`` and prints the tables."""
+def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int | None = None,
+        windows: int | None = None, samples: int | None = None) -> dict:
+    """All the ablations of ``only`` for each estimator; returns ``{ablation: rows}`` and prints the tables.
+
+    Args:
+        windows, samples: test windows and samples per window, over the budget's (``None``: the budget's). Fewer
+            make the slow samplers affordable (ComposedScore takes ~0.1 s per sample at K=40).
+    """
     b = BUDGETS[mode]
     n_traj, n_states = b["data"]
     fit = {**b["fit"], "patience": 1000, "seed": seed}
-    kw = {"n_windows": b["windows"], "n_samples": b["samples"], "seed": seed}
+    for name, value in (("windows", windows), ("samples", samples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive number, got {value}")
+    kw = {"n_windows": windows or b["windows"], "n_samples": samples or b["samples"], "seed": seed}
     size = {} if K is None else {"K": K}
     out: dict[str, list[dict]] = {}
 
@@ -181,13 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--estimators", nargs="*", default=["npe"])
     p.add_argument("--only", nargs="*", default=["time", "mask", "window", "budget"])
     p.add_argument("--K", type=int, default=None, help="Lorenz-96 size (default the task's, 40)")
+    p.add_argument("--windows", type=int, default=None, help="test windows (default the budget's)")
+    p.add_argument("--samples", type=int, default=None, help="samples per test window (default the budget's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     t0 = time.perf_counter()
-    res = run(mode, a.estimators, a.only, a.seed, a.K)
+    res = run(mode, a.estimators, a.only, a.seed, a.K, a.windows, a.samples)
     print(f"{mode}: {time.perf_counter() - t0:.0f} s")
     if a.json:
         Path(a.json).write_text(json.dumps({"mode": mode, "estimators": a.estimators, "results": res}, indent=1))

@@ -193,6 +193,18 @@ def test_ablation_transforms_remove_time_and_mask():
         ablations.transient_windows(data, -1.0, 5)
 
 
+def test_ablations_run_scores_every_estimator_on_the_requested_test_windows(capsys):
+    out = ablations.run("smoke", ["npe"], ["budget"], K=8, windows=3, samples=8)
+    rows = out["budget"]
+    assert [r["setting"] for r in rows] == [f"{b:g} windows" for b in ablations.BUDGETS["smoke"]["budgets"]]
+    assert all(r["estimator"] == "npe" and r["test_windows"] == 3 for r in rows)
+    assert all(math.isfinite(r["nrmse"]) and 0 <= r["ece"] <= 0.5 for r in rows)
+    assert rows[0]["train_windows"] < rows[1]["train_windows"]
+    assert "simulation budget (lorenz96)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="samples must be a positive"):
+        ablations.run("smoke", ["npe"], ["budget"], K=8, samples=0)
+
+
 def test_run_py_takes_task_overrides_before_or_after_the_options():
     for argv in (["lorenz96", "simulator.K=8", "--quick"], ["lorenz96", "--quick", "simulator.K=8", "--threads", "1"]):
         a = bench.parser().parse_intermixed_args(argv)
