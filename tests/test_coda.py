@@ -82,13 +82,35 @@ def test_gauss_newton_covariance_matches_autograd():
     x = 2 * torch.randn(3, 8, dtype=torch.float64)
     mask = torch.rand(3, 3, 8) > 0.5
     prior = torch.full((8,), 4.0, dtype=torch.float64)
-    C = gauss_newton_posterior(sim, obs, x, mask, [0, 1, 3], 1, prior)
+    L = gauss_newton_posterior(sim, obs, x, mask, [0, 1, 3], 1, prior)
+    assert torch.equal(L, L.tril()) and (L.diagonal(dim1=-2, dim2=-1) > 0).all()
+    C = L @ L.mT
     ref = Lorenz96(8, dt=0.05, backend="reference")
     for b in range(3):
         J = torch.autograd.functional.jacobian(lambda z: ref.rollout(z[None], 3, check=False)[0, [0, 1, 3]], x[b])
         J = J * mask[b, :, :, None].double()  # (3, 8, 8): observed rows only
         P = torch.einsum("lmd,lme->de", J, J) / 0.49 + torch.eye(8, dtype=torch.float64) / 4.0
         assert torch.allclose(C[b], torch.linalg.inv(P), atol=1e-10)
+
+
+def test_gauss_newton_factor_of_a_long_window_holds_in_float32():
+    """Over 25 saved states of Lorenz-96 K=40 the Gauss-Newton precision's condition number passes 1e8, beyond
+    float32 (1 / eps = 8e6), where its Cholesky factorization can fail; the factor is computed in float64 and
+    returned in float32."""
+    task = sbida.tasks.get("lorenz96", length=25, n_trajectories=4, n_states=128, seed=0)
+    x = task.simulate(progress=False).get(torch.arange(0, 400, 50))[0]  # (8, 40) float32
+    obs, lags = task.observation, list(range(-24, 1))
+    J = observation_jacobians(task.simulator, obs, x.double(), lags, 1)  # (8, 25, M, 40)
+    mask = torch.ones(J.shape[:3], dtype=torch.bool)
+    J = J.reshape(len(x), -1, 40)
+    P = J.mT @ J / obs.sigma**2 + torch.eye(40, dtype=torch.float64) / 13.0
+    assert torch.linalg.cond(P).max() > 1e8
+    L = gauss_newton_posterior(task.simulator, obs, x, mask, lags, 1, torch.full((40,), 13.0))
+    assert L.dtype == torch.float32 and torch.isfinite(L).all() and (L.diagonal(dim1=-2, dim2=-1) > 0).all()
+    # L^T P L = I: the factor whitens the float64 precision, up to the float32 rounding of L
+    eye = torch.eye(40, dtype=torch.float64).expand(len(x), 40, 40)
+    err = (L.double().mT @ P @ L.double() - eye).abs().max()
+    assert err < 1e-3, err
 
 
 def test_backward_jacobians_invert_the_forward_ones():

@@ -231,8 +231,9 @@ class CODA(Estimator):
             return list(range(len(self.lags)))
         return [i for i, lag in enumerate(self.lags) if lag >= 0]
 
-    def _laplace_cov(self, x: Tensor, mask: Tensor) -> Tensor:
-        """The unscaled Gauss-Newton covariance ``(B, D, D)`` around ``x`` ``(B, D)``; ``mask`` ``(B, T, *obs)``."""
+    def _laplace_tril(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The Cholesky factor ``(B, D, D)`` of the unscaled Gauss-Newton covariance around ``x`` ``(B, D)``;
+        ``mask`` ``(B, T, *obs)``."""
         lags = self._laplace_lags()
         if not lags:
             raise ValueError("the window has no observation at or after the target: no Laplace posterior")
@@ -271,7 +272,7 @@ class CODA(Estimator):
         try:
             batch = self.standardize(None, yw, mw, t)
             x = self.analysis(batch.y, batch.mask).to(torch.float64)
-            cov = self._laplace_cov(x, batch.mask)  # (B, D, D)
+            tril = self._laplace_tril(x, batch.mask)  # (B, D, D)
             after = list(range(last + 1, last + n + 1))
             J = observation_jacobians(self.dynamics, self.observation_model, x, after, self.hparams["every"])
             pred = rollout_outputs(self.dynamics, x, last + n, self.hparams["every"], check=False)[:, after]
@@ -279,7 +280,7 @@ class CODA(Estimator):
             m = mr[:, after].flatten(2) & torch.isfinite(J).all(-1) & torch.isfinite(d)
             if not bool(m.any()):
                 raise ValueError("no observation after the windows to calibrate the Laplace covariance with")
-            var = torch.einsum("blmd,bde,blme->blm", torch.nan_to_num(J), cov, torch.nan_to_num(J))  # J C J^T
+            var = torch.einsum("blmd,bde->blme", torch.nan_to_num(J), tril).square().sum(-1)  # diag(J C J^T)
             excess = torch.where(m, d, 0).square().sum() - m.sum() * self.observation_model.sigma**2
             scale = float(excess / torch.where(m, var, 0).sum())
         finally:
@@ -379,5 +380,5 @@ class CODA(Estimator):
         if len(self.state_shape) != 1:
             raise NotImplementedError("the Laplace posterior of CODA is implemented for 1-D states; use "
                                       "uncertainty='none' on 2-D states")
-        cov = self._laplace_cov(x, batch.mask) * self.laplace_scale.to(x.dtype)
-        return GaussianPosterior(x, cov=cov)
+        tril = self._laplace_tril(x, batch.mask) * self.laplace_scale.sqrt().to(x.dtype)
+        return GaussianPosterior(x, scale_tril=tril)
