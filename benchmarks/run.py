@@ -10,6 +10,9 @@ metrics go to ``metrics.json`` and ``benchmark.json`` and the HTML report to ``r
 Timings (wall clock, the same run): training seconds; seconds for 1000 samples of one window (posterior built and
 sampled); seconds for 1000 windows, ``1000 x`` the evaluation's time per window (posterior and ``n_samples`` samples
 each); and ratios to 4D-Var: its time per window over the method's (speed-up) and the method's RMSE over 4D-Var's.
+Point estimates, a second table: the methods with a sample-free point estimate (``posterior(..., uncertainty=
+"none")``: CODA's analysis, 4D-Var's L-BFGS analysis without its covariance) are timed on the same windows, batched as
+in the evaluation (the faster of two passes), against 4D-Var's analysis and against 4D-Var with its covariance.
 
 References for C2ST: the exact Kalman posterior on ``linear-gaussian``; the tempered SMC reference of
 ``benchmarks/reference.py`` (cached in ``--reference-cache``) on ``lorenz96`` with K=8.
@@ -29,6 +32,7 @@ whose class refuses the task) is skipped with the reason its class gives.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import platform
@@ -53,7 +57,8 @@ from sbida.runs import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-__all__ = ["ESTIMATORS", "BASELINES", "benchmark_config", "run_benchmark", "format_table"]
+__all__ = ["ESTIMATORS", "BASELINES", "benchmark_config", "run_benchmark", "format_table", "point_estimates",
+           "format_point_table"]
 
 ESTIMATORS = ["npe", "nre", "score", "composed", "coda"]
 BASELINES = ["climatology", "interpolation", "oi", "enks", "fourdvar"]
@@ -234,6 +239,46 @@ def _time_one_window(method, test, index: int, n: int = 1000, seed: int = 0) -> 
     return time.perf_counter() - start
 
 
+def has_point_mode(method) -> bool:
+    """Whether ``method`` gives a point estimate without samples or covariance: ``posterior(..., uncertainty="none")``
+    (CODA, 4D-Var)."""
+    fn = getattr(method, "make_posterior", None) or method.posterior
+    return "uncertainty" in inspect.signature(fn).parameters
+
+
+def point_estimates(methods: dict, test, idx: torch.Tensor, batch_size: int, repeats: int = 2) -> dict[str, dict]:
+    """RMSE and seconds per window of the point estimates of the methods that have one (:func:`has_point_mode`).
+
+    Args:
+        methods: ``{label: estimator or baseline}``.
+        test: the test :class:`~sbida.data.WindowDataset`; idx: ``(N,)`` its windows.
+        batch_size: windows per call, as in the evaluation.
+        repeats: timed passes over the windows; the fastest counts (after one warm-up call).
+
+    Returns:
+        ``{label: {"rmse", "seconds_per_window"}}``.
+    """
+    out = {}
+    batches = [test.get(idx[i:i + batch_size]) for i in range(0, len(idx), batch_size)]
+    for label, method in methods.items():
+        if not has_point_mode(method):
+            continue
+        _, y, m, t = batches[0]
+        method.posterior(y[:1], m[:1], t[:1], uncertainty="none").mean()  # warm-up (first-call overheads)
+        best, sq = math.inf, 0.0
+        for _ in range(repeats):
+            seconds, sq = 0.0, 0.0
+            for x, y, m, t in batches:
+                start = time.perf_counter()
+                estimate = method.posterior(y, m, t, uncertainty="none").mean()
+                seconds += time.perf_counter() - start
+                sq += float((estimate.double() - x.double()).pow(2).sum())
+            best = min(best, seconds)
+        n_values = len(idx) * math.prod(batches[0][0].shape[1:])
+        out[label] = {"rmse": math.sqrt(sq / n_values), "seconds_per_window": best / len(idx)}
+    return out
+
+
 def run_benchmark(task: str, out: str | Path, mode: str = "full", estimators: list[str] | None = None,
                   baselines: list[str] | None = None, seed: int = 0, task_overrides: dict | None = None,
                   reference_cache: str | Path | None = None, progress: bool = True, echo: bool = True,
@@ -311,6 +356,7 @@ def run_benchmark(task: str, out: str | Path, mode: str = "full", estimators: li
         samples = draw_examples(methods, test, ex_idx, n_samples=ev.example_samples, seed=seed)
         torch.save({"indices": ex_idx, "samples": samples}, run.path("examples.pt"))
     rows = _rows(results, seconds, one_window, kinds)
+    point_rows = _point_rows(point_estimates(methods, test, idx, ev.batch_size), results)
     diagnostics = list(getattr(ref, "diagnostics", []))
     if not all(_reference_ok(d) for d in diagnostics):
         run.log(f"warning: the MCMC reference has not converged on every window (R-hat "
@@ -322,7 +368,7 @@ def run_benchmark(task: str, out: str | Path, mode: str = "full", estimators: li
               "train_windows": len(run.splits()[0]), "test_windows": len(idx), "n_samples": ev.n_samples,
               "reference": ref_label, "reference_diagnostics": diagnostics,
               "reference_converged": all(_reference_ok(d) for d in diagnostics),
-              "skipped": skipped, "rows": rows, "wall_seconds": time.perf_counter() - wall}
+              "skipped": skipped, "rows": rows, "point_rows": point_rows, "wall_seconds": time.perf_counter() - wall}
     run.path("benchmark.json").write_text(json.dumps(record, indent=1))
     if report:
         run.report()
@@ -340,6 +386,21 @@ def _rows(results: dict, seconds: dict, one_window: dict, kinds: dict) -> list[d
                      "seconds_1000_windows": 1000 * pw, "seconds_per_window": pw,
                      "speedup_vs_4dvar": ref_pw / pw if ref_pw and pw > 0 else None,
                      "rmse_ratio_vs_4dvar": r.rmse / ref.rmse if ref and ref.rmse > 0 else None})
+    return rows
+
+
+def _point_rows(points: dict[str, dict], results: dict) -> list[dict]:
+    """The point-estimate table: speed-ups over 4D-Var's analysis and over 4D-Var with its covariance (the main
+    table's time per window), and RMSE over 4D-Var's analysis."""
+    ana = points.get("fourdvar")
+    full = results["fourdvar"].timings["posterior_and_sampling_per_window"] if "fourdvar" in results else None
+    rows = []
+    for label, p in points.items():
+        pw = p["seconds_per_window"]
+        rows.append({"method": label, "rmse": p["rmse"], "seconds_per_window": pw,
+                     "speedup_vs_4dvar_analysis": ana["seconds_per_window"] / pw if ana and pw > 0 else None,
+                     "speedup_vs_4dvar": full / pw if full and pw > 0 else None,
+                     "rmse_ratio_vs_4dvar": p["rmse"] / ana["rmse"] if ana and ana["rmse"] > 0 else None})
     return rows
 
 
@@ -369,6 +430,21 @@ def format_table(rows: list[dict]) -> str:
                 v = 1e3 * v
             vals.append(_fmt(v, f))
         lines.append(f"{r['method']:10s}" + "".join(f"{v:>10s}" for v in vals))
+    return "\n".join(lines)
+
+
+POINT_COLUMNS = [("rmse", "RMSE", "{:.4g}"), ("seconds_per_window", "ms/win", "{:.3f}"),
+                 ("speedup_vs_4dvar_analysis", "x4DVar-an", "{:.3g}"), ("speedup_vs_4dvar", "x4DVar", "{:.3g}"),
+                 ("rmse_ratio_vs_4dvar", "RMSE/4DV", "{:.3g}")]
+
+
+def format_point_table(rows: list[dict]) -> str:
+    """The point-estimate table as text: RMSE, ms per window, speed-up over 4D-Var's analysis (``x4DVar-an``) and
+    over 4D-Var with its covariance (``x4DVar``), RMSE over 4D-Var's."""
+    lines = [f"{'method':10s}" + "".join(f"{h:>11s}" for _, h, _ in POINT_COLUMNS)]
+    for r in rows:
+        vals = [_fmt(1e3 * r[k] if k == "seconds_per_window" else r.get(k), f) for k, _, f in POINT_COLUMNS]
+        lines.append(f"{r['method']:10s}" + "".join(f"{v:>11s}" for v in vals))
     return "\n".join(lines)
 
 
@@ -447,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{a.task} ({mode}): {record['train_windows']} training windows, {record['test_windows']} test windows x "
           f"{record['n_samples']} samples; C2ST reference: {record['reference'] or 'none'}")
     print(format_table(record["rows"]))
+    if record["point_rows"]:
+        print("\npoint estimates (no samples, no covariance), the same windows:")
+        print(format_point_table(record["point_rows"]))
     if not record["reference_converged"]:
         rh = [round(d["rhat"], 2) for d in record["reference_diagnostics"]]
         ess = [round(d["ess"]) for d in record["reference_diagnostics"]]

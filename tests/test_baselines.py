@@ -90,6 +90,18 @@ def test_climatology_follows_the_transient():
     assert torch.allclose(A[:, 1].T @ A[:, 1] / 99, C1[0], atol=1e-8)
 
 
+def test_fourdvar_analysis_alone_is_the_mean_of_its_laplace_posterior(linear):
+    """``uncertainty="none"``: the same L-BFGS analysis as the Gaussian posterior's mean, without its covariance."""
+    task, (x, y, m, t), mean, cov, clim = linear
+    fv = FourDVar.from_task(task, climatology=clim, tol=1e-7)
+    point = fv.posterior(y, m, t, uncertainty="none")
+    assert isinstance(point, sbida.posterior.PointPosterior) and point.info["max_grad"] < 1e-5
+    assert torch.equal(point.mean(), fv.posterior(y, m, t).mean())
+    assert (point.mean().double() - mean).abs().max() < 1e-4 and point.std().eq(0).all()
+    with pytest.raises(ValueError, match="uncertainty must be"):
+        fv.posterior(y, m, t, uncertainty="ensemble")
+
+
 @pytest.mark.slow
 def test_enks_and_fourdvar_beat_oi_and_climatology_on_lorenz96():
     torch.set_num_threads(1)

@@ -45,6 +45,38 @@ def test_smoke_run_on_linear_gaussian(tmp_path):
     assert json.loads((tmp_path / "benchmark.json").read_text())["rows"] == rec["rows"]
     table = bench.format_table(rec["rows"])
     assert len(table.splitlines()) == 4 and "C2ST" in table and "x4DVar" in table
+    # the point-estimate table: 4D-Var's analysis alone, the mean of its Gaussian posterior (the main table's RMSE is
+    # that of the mean of 32 samples of it: within a few per cent)
+    (point,) = rec["point_rows"]
+    assert point["method"] == "fourdvar" and point["rmse"] == pytest.approx(rows["fourdvar"]["rmse"], rel=0.05)
+    assert point["speedup_vs_4dvar_analysis"] == pytest.approx(1.0) and point["rmse_ratio_vs_4dvar"] == 1.0
+    assert point["speedup_vs_4dvar"] == pytest.approx(rows["fourdvar"]["seconds_per_window"]
+                                                      / point["seconds_per_window"])
+    assert "x4DVar-an" in bench.format_point_table(rec["point_rows"])
+
+
+def test_point_estimates_score_the_estimate_of_the_point_mode():
+    """A method whose point estimate is 0: its RMSE is the root mean square of the true states; a method without a
+    point mode is left out."""
+    task = sbida.tasks.get("lorenz96", K=8)
+    data = task.simulate(progress=False, n_trajectories=2, n_states=20)
+
+    class Zero:
+        def posterior(self, y, mask, t, uncertainty="laplace"):
+            assert uncertainty == "none"
+            return sbida.posterior.PointPosterior(torch.zeros(len(y), 8))
+
+    idx = torch.arange(0, len(data), 3)
+    out = bench.point_estimates({"zero": Zero(), "oi": sbida.baselines.OI.from_task(task)}, data, idx, batch_size=4)
+    assert list(out) == ["zero"] and out["zero"]["seconds_per_window"] > 0
+    assert out["zero"]["rmse"] == pytest.approx(float(data.get(idx)[0].double().pow(2).mean().sqrt()))
+
+
+def test_point_mode_is_found_on_the_methods_that_have_one():
+    task = sbida.tasks.get("lorenz96", K=8)
+    est = sbida.estimators
+    assert bench.has_point_mode(est.CODA(task)) and bench.has_point_mode(sbida.baselines.FourDVar.from_task(task))
+    assert not bench.has_point_mode(est.NPE(task)) and not bench.has_point_mode(sbida.baselines.OI.from_task(task))
 
 
 def test_inapplicable_methods_are_skipped_with_the_class_reason():

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, vmap
 
-from ..posterior import GaussianPosterior
+from ..posterior import GaussianPosterior, PointPosterior
 from .base import Baseline
 
 __all__ = ["FourDVar", "batched_lbfgs"]
@@ -161,24 +161,37 @@ class FourDVar(Baseline):
         grad = float(cost(v)[1].abs().max())
         return xb + (L @ v[..., None]).squeeze(-1), n_iter, grad
 
-    def posterior(self, y: Tensor, mask: Tensor, t: Tensor) -> GaussianPosterior:
-        """Gaussian (Laplace, Gauss–Newton) posterior of the target states.
+    def posterior(self, y: Tensor, mask: Tensor, t: Tensor,
+                  uncertainty: str = "laplace") -> GaussianPosterior | PointPosterior:
+        """Gaussian (Laplace, Gauss–Newton) posterior of the target states, or the analysis alone.
 
         Args:
             y: ``(B, T, *obs_shape)`` observations.
             mask: ``(B, T, *obs_shape)`` mask.
             t: ``(B,)`` target times.
+            uncertainty: ``"laplace"`` (the Gauss–Newton covariance) or ``"none"`` (the analysis only, without the
+                tangent-linear model and the Hessian: what a point estimate costs).
 
         Returns:
             A :class:`~sbida.posterior.GaussianPosterior` (mean ``(B, *state_shape)``, Cholesky factor of the
-            covariance ``(B, D, D)``), with ``.info`` (iterations, largest final gradient entry).
+            covariance ``(B, D, D)``), or with ``uncertainty="none"`` a :class:`~sbida.posterior.PointPosterior`;
+            with ``.info`` (iterations, largest final gradient entry).
         """
+        if uncertainty not in ("laplace", "none"):
+            raise ValueError(f"uncertainty must be 'laplace' or 'none', got {uncertainty!r}")
         yf, mf, t = self.check_windows(y, mask, t)
         dtype = torch.float64
         xb, Bc = self._clim().moments(self.start_time(t))
         L = torch.linalg.cholesky(Bc) * self.background_scale  # (B, D, D)
         yd, w = yf.to(dtype), mf.to(dtype) / self.sigma
         x0, n_iter, grad = self._optimize(xb, L, yd, w)
+        self.last_info = {"method": self.name, "iterations": n_iter, "max_grad": grad}
+        if uncertainty == "none":
+            with torch.no_grad():
+                analysis = self.trajectory(x0)[:, self.target_index]
+            post = PointPosterior(analysis.to(y.dtype).reshape(-1, *self.state_shape))
+            post.info = dict(self.last_info)
+            return post
         # tangent-linear model at the optimum: J[b, j] = d x_j / d x_0, (B, T, D, D)
         Jx = vmap(jacrev(self.trajectory))(x0)
         G = torch.einsum("pd,btde,bef->btpf", self.H, Jx, L) * w[..., None]  # (B, T, P, D), whitened and masked
@@ -194,6 +207,5 @@ class FourDVar(Baseline):
         tril = torch.linalg.cholesky(cov + 1e-12 * cov.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
                                      * torch.eye(self.D, dtype=dtype))
         post = GaussianPosterior(mean.to(y.dtype).reshape(-1, *self.state_shape), scale_tril=tril.to(y.dtype))
-        self.last_info = {"method": self.name, "iterations": n_iter, "max_grad": grad}
         post.info = dict(self.last_info)
         return post
