@@ -181,18 +181,25 @@ def test_large_localization_radius_is_the_global_analysis():
 
 
 def test_batched_lbfgs_solves_independent_quadratics():
+    """To a gradient of 1e-10, far below the square root of the cost's round-off (3e-8): there the Armijo test
+    compares noise, and before the approximate Wolfe test three of the six problems took 500 iterations of tiny steps
+    (10 217 evaluations) without converging; now 29 iterations and 38 evaluations."""
     g = torch.Generator().manual_seed(0)
     B, D = 6, 10
     Q = torch.randn(B, D, D, generator=g, dtype=torch.float64)
     A = Q @ Q.mT + torch.logspace(-1, 2, B, dtype=torch.float64)[:, None, None] * torch.eye(D, dtype=torch.float64)
     b = torch.randn(B, D, generator=g, dtype=torch.float64)
 
+    calls = []
+
     def fun(v):
+        calls.append(1)
         Av = (A @ v[..., None]).squeeze(-1)
         return 0.5 * (v * Av).sum(-1) - (b * v).sum(-1), Av - b
 
     v, it = batched_lbfgs(fun, torch.zeros(B, D, dtype=torch.float64), max_iter=500, tol=1e-10)
-    assert torch.allclose(v, torch.linalg.solve(A, b), atol=1e-8) and it < 500
+    assert torch.allclose(v, torch.linalg.solve(A, b), atol=1e-8)
+    assert it < 60 and len(calls) < 120, (it, len(calls))
 
 
 def test_bad_input():
