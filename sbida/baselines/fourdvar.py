@@ -41,7 +41,7 @@ __all__ = ["FourDVar", "batched_lbfgs"]
 def batched_lbfgs(fun: Callable[[Tensor], tuple[Tensor, Tensor]], v: Tensor, max_iter: int = 200,
                   tol: float = 1e-6, history: int = 20, c1: float = 1e-4, max_backtrack: int = 30
                   ) -> tuple[Tensor, int]:
-    """Minimize ``B`` independent functions at once by L-BFGS with a backtracking (Armijo) line search per problem.
+    r"""Minimize ``B`` independent functions at once by L-BFGS with a backtracking (Armijo) line search per problem.
 
     Near a minimum, where the decrease of a step is below the cost's round-off, the line search takes the approximate
     Wolfe conditions instead (Hager & Zhang): the cost equal up to round-off and the directional derivative
