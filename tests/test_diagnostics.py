@@ -308,3 +308,32 @@ def test_distance_coverage_is_unbiased_with_few_samples():
     x = torch.randn(2000, 32, generator=g, dtype=torch.float64)
     res = dg.expected_coverage(s, x, method="distance")
     assert res.ece < 0.02
+
+
+def test_scaled_gaussian_coverage_matches_the_hpd_coverage_of_gaussian_samples():
+    """The closed form against the module's own Monte Carlo: truths from N(0, I), samples from N(0, s^2 I), highest
+    density credibilities; and the known cases (s = 1 is calibrated, D = 1 is a normal interval)."""
+    from sbida.diagnostics import coverage_curve, default_levels, hpd_credibility, scaled_gaussian_coverage
+
+    levels = default_levels()
+    assert torch.allclose(scaled_gaussian_coverage(1.0, 40), levels, atol=1e-12)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    s = 0.8
+    exact_1d = 2 * normal.cdf(s * normal.icdf((1 + levels.float()) / 2)) - 1
+    assert torch.allclose(scaled_gaussian_coverage(s, 1).float(), exact_1d, atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    D, B, n, s = 40, 4000, 400, 0.92
+    truth = torch.randn(B, D, generator=g, dtype=torch.float64)
+    samples = s * torch.randn(n, B, D, generator=g, dtype=torch.float64)
+    cred = hpd_credibility(-(samples**2).sum(-1), -(truth**2).sum(-1))  # log-densities up to the same constant
+    mc = coverage_curve(cred)
+    formula = scaled_gaussian_coverage(s, D)
+    assert (mc - formula).abs().max() < 0.03  # binomial sd at B = 4000: <= 0.008
+    ece = (formula - levels).abs().mean()
+    assert 0.19 < ece < 0.23 and (mc - levels).abs().mean() > 0.15  # 8 % too narrow in 40-D: far from calibrated
+    # wider posteriors over-cover, narrower under-cover; more dimensions, more error for the same scale
+    assert (scaled_gaussian_coverage(1.1, 8) > levels).all() and (scaled_gaussian_coverage(0.9, 8) < levels).all()
+    assert (scaled_gaussian_coverage(0.9, 40) - levels).abs().mean() > (scaled_gaussian_coverage(0.9, 4)
+                                                                          - levels).abs().mean()
+    with pytest.raises(ValueError, match="scale"):
+        scaled_gaussian_coverage(0.0, 4)

@@ -13,6 +13,7 @@ from .coverage import (
     distance_credibility,
     expected_coverage,
     hpd_credibility,
+    scaled_gaussian_coverage,
 )
 from .evaluate import EvaluationResult, as_posterior_fn, evaluate
 from .inference_data import to_inference_data
@@ -22,7 +23,7 @@ from .tarp import TARPResult, tarp, tarp_credibility, tarp_curve, tarp_reference
 
 __all__ = [
     "CoverageResult", "expected_coverage", "coverage_curve", "default_levels", "hpd_credibility",
-    "distance_credibility", "central_credibility",
+    "distance_credibility", "central_credibility", "scaled_gaussian_coverage",
     "SBCResult", "sbc", "sbc_ranks",
     "TARPResult", "tarp", "tarp_credibility", "tarp_curve", "tarp_references",
     "c2st",

@@ -25,6 +25,7 @@ over-confident (too narrow) posteriors, above it under-confident ones.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "distance_credibility",
     "central_credibility",
     "default_levels",
+    "scaled_gaussian_coverage",
 ]
 
 
@@ -117,6 +119,43 @@ def coverage_curve(credibility: Tensor, levels: Tensor | None = None) -> Tensor:
         raise ValueError(f"levels must be a 1-D tensor of values in (0, 1), got {levels}")
     c = credibility.to(torch.float64)
     return (c.unsqueeze(0) < levels.view(-1, *([1] * c.dim()))).double().mean(1)
+
+
+def _chi2_cdf(x: Tensor, dim: int) -> Tensor:
+    return torch.special.gammainc(torch.full_like(x, dim / 2), x / 2)
+
+
+def scaled_gaussian_coverage(scale: float, dim: int, levels: Tensor | None = None) -> Tensor:
+    r"""Expected coverage of the highest-density regions of a Gaussian posterior whose covariance is ``scale**2``
+    times the right one, in ``dim`` dimensions: what a given spread error does to the joint coverage.
+
+    With the truth :math:`x \sim \mathcal N(\mu, \Sigma)` and the posterior :math:`\mathcal N(\mu, s^2 \Sigma)`,
+    the region of level :math:`\alpha` is :math:`\{\lVert x - \mu \rVert^2_{\Sigma} \le s^2 F_D^{-1}(\alpha)\}`,
+    so :math:`\mathrm C(\alpha) = F_D\big(s^2 F_D^{-1}(\alpha)\big)`, :math:`F_D` the CDF of :math:`\chi^2_D`.
+    The same relative spread error costs more ECE in more dimensions: 8 % too narrow gives an ECE of 0.028 for one
+    variable and 0.21 for 40, and an ECE of 0.03 on 40 variables allows about 1 %.
+
+    Args:
+        scale: :math:`s > 0` (below 1: over-confident).
+        dim: :math:`D \ge 1`, the number of variables.
+        levels: ``(L,)`` levels in (0, 1) (default :func:`default_levels`).
+
+    Returns:
+        ``(L,)`` coverage in float64; its ECE is ``(coverage - levels).abs().mean()``.
+    """
+    if not (scale > 0 and math.isfinite(scale)) or int(dim) != dim or dim < 1:
+        raise ValueError(f"need scale > 0 and an integer dim >= 1, got scale={scale}, dim={dim}")
+    levels = default_levels() if levels is None else torch.as_tensor(levels, dtype=torch.float64)
+    if levels.dim() != 1 or not ((levels > 0) & (levels < 1)).all():
+        raise ValueError(f"levels must be a 1-D tensor of values in (0, 1), got {levels}")
+    lo, hi = torch.zeros_like(levels), torch.full_like(levels, float(dim))
+    while (_chi2_cdf(hi, dim) < levels).any():  # bracket the quantiles
+        hi = hi * 2
+    for _ in range(100):  # bisection for F_D^{-1}(levels): 100 halvings reach float64's resolution
+        mid = (lo + hi) / 2
+        below = _chi2_cdf(mid, dim) < levels
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return _chi2_cdf(scale**2 * (lo + hi) / 2, dim)
 
 
 def hpd_credibility(log_prob_samples: Tensor, log_prob_truth: Tensor) -> Tensor:
