@@ -422,18 +422,23 @@ COLUMNS = [("rmse", "RMSE", "{:.4g}"), ("nrmse", "nRMSE", "{:.4g}"), ("crps", "C
            ("speedup_vs_4dvar", "x4DVar", "{:.3g}"), ("rmse_ratio_vs_4dvar", "RMSE/4DV", "{:.3g}")]
 
 
-def format_table(rows: list[dict]) -> str:
-    """The benchmark table as text (one line per method; ``-`` where a value does not exist)."""
-    lines = [f"{'method':10s}" + "".join(f"{h:>10s}" for _, h, _ in COLUMNS)]
+def _text_table(rows: list[dict], columns: list[tuple[str, str, str]], width: int) -> str:
+    """Rows as a text table, one line per method; ``-`` where a value does not exist, seconds per window in ms."""
+    lines = [f"{'method':10s}" + "".join(f"{h:>{width}s}" for _, h, _ in columns)]
     for r in rows:
         vals = []
-        for k, _, f in COLUMNS:
+        for k, _, f in columns:
             v = r.get(k)
             if k == "seconds_per_window" and v is not None:
                 v = 1e3 * v
             vals.append(_fmt(v, f))
-        lines.append(f"{r['method']:10s}" + "".join(f"{v:>10s}" for v in vals))
+        lines.append(f"{r['method']:10s}" + "".join(f"{v:>{width}s}" for v in vals))
     return "\n".join(lines)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The benchmark table as text (one line per method; ``-`` where a value does not exist)."""
+    return _text_table(rows, COLUMNS, 10)
 
 
 POINT_COLUMNS = [("rmse", "RMSE", "{:.4g}"), ("seconds_per_window", "ms/win", "{:.3f}"),
@@ -444,11 +449,7 @@ POINT_COLUMNS = [("rmse", "RMSE", "{:.4g}"), ("seconds_per_window", "ms/win", "{
 def format_point_table(rows: list[dict]) -> str:
     """The point-estimate table as text: RMSE, ms per window, speed-up over 4D-Var's analysis (``x4DVar-an``) and
     over 4D-Var with its covariance (``x4DVar``), RMSE over 4D-Var's."""
-    lines = [f"{'method':10s}" + "".join(f"{h:>11s}" for _, h, _ in POINT_COLUMNS)]
-    for r in rows:
-        vals = [_fmt(1e3 * r[k] if k == "seconds_per_window" else r.get(k), f) for k, _, f in POINT_COLUMNS]
-        lines.append(f"{r['method']:10s}" + "".join(f"{v:>11s}" for v in vals))
-    return "\n".join(lines)
+    return _text_table(rows, POINT_COLUMNS, 11)
 
 
 def _parse_overrides(items: list[str]) -> dict:
