@@ -121,10 +121,6 @@ def coverage_curve(credibility: Tensor, levels: Tensor | None = None) -> Tensor:
     return (c.unsqueeze(0) < levels.view(-1, *([1] * c.dim()))).double().mean(1)
 
 
-def _chi2_cdf(x: Tensor, dim: int) -> Tensor:
-    return torch.special.gammainc(torch.full_like(x, dim / 2), x / 2)
-
-
 def scaled_gaussian_coverage(scale: float, dim: int, levels: Tensor | None = None) -> Tensor:
     r"""Expected coverage of the highest-density regions of a Gaussian posterior whose covariance is ``scale**2``
     times the right one, in ``dim`` dimensions: what a given spread error does to the joint coverage.
@@ -148,14 +144,9 @@ def scaled_gaussian_coverage(scale: float, dim: int, levels: Tensor | None = Non
     levels = default_levels() if levels is None else torch.as_tensor(levels, dtype=torch.float64)
     if levels.dim() != 1 or not ((levels > 0) & (levels < 1)).all():
         raise ValueError(f"levels must be a 1-D tensor of values in (0, 1), got {levels}")
-    lo, hi = torch.zeros_like(levels), torch.full_like(levels, float(dim))
-    while (_chi2_cdf(hi, dim) < levels).any():  # bracket the quantiles
-        hi = hi * 2
-    for _ in range(100):  # bisection for F_D^{-1}(levels): 100 halvings reach float64's resolution
-        mid = (lo + hi) / 2
-        below = _chi2_cdf(mid, dim) < levels
-        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-    return _chi2_cdf(scale**2 * (lo + hi) / 2, dim)
+    from scipy.stats import chi2  # imported here: scipy is slow to import
+
+    return torch.as_tensor(chi2.cdf(scale**2 * chi2.ppf(levels.numpy(), dim), dim), dtype=torch.float64)
 
 
 def hpd_credibility(log_prob_samples: Tensor, log_prob_truth: Tensor) -> Tensor:
