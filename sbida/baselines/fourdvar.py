@@ -197,10 +197,10 @@ class FourDVar(Baseline):
         yd, w = yf.to(dtype), mf.to(dtype) / self.sigma
         x0, n_iter, grad = self._optimize(xb, L, yd, w)
         self.last_info = {"method": self.name, "iterations": n_iter, "max_grad": grad}
+        with torch.no_grad():
+            mean = self.trajectory(x0)[:, self.target_index].to(y.dtype).reshape(-1, *self.state_shape)
         if uncertainty == "none":
-            with torch.no_grad():
-                analysis = self.trajectory(x0)[:, self.target_index]
-            post = PointPosterior(analysis.to(y.dtype).reshape(-1, *self.state_shape))
+            post = PointPosterior(mean)
             post.info = dict(self.last_info)
             return post
         # tangent-linear model at the optimum: J[b, j] = d x_j / d x_0, (B, T, D, D)
@@ -213,10 +213,8 @@ class FourDVar(Baseline):
         F = torch.linalg.solve_triangular(Lh, A.mT, upper=False).mT
         cov = F @ F.mT
         cov = 0.5 * (cov + cov.mT)
-        with torch.no_grad():
-            mean = self.trajectory(x0)[:, self.target_index]
         tril = torch.linalg.cholesky(cov + 1e-12 * cov.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
                                      * torch.eye(self.D, dtype=dtype))
-        post = GaussianPosterior(mean.to(y.dtype).reshape(-1, *self.state_shape), scale_tril=tril.to(y.dtype))
+        post = GaussianPosterior(mean, scale_tril=tril.to(y.dtype))
         post.info = dict(self.last_info)
         return post

@@ -79,7 +79,7 @@ class CoverageResult:
     def from_credibility(cls, credibility: Tensor, method: str, levels: Tensor | None = None,
                          marginal_credibility: Tensor | None = None) -> CoverageResult:
         """Build the result from credibilities ``(B,)`` and optional marginal credibilities ``(B, D)``."""
-        levels = default_levels() if levels is None else torch.as_tensor(levels, dtype=torch.float64)
+        levels = _checked_levels(levels)
         cov = coverage_curve(credibility, levels)
         gap = (cov - levels).abs()
         marginal = marginal_ece = None
@@ -104,6 +104,14 @@ class CoverageResult:
                    t(d.get("marginal")), d.get("marginal_ece"))
 
 
+def _checked_levels(levels: Tensor | None) -> Tensor:
+    """``levels`` as float64 ``(L,)`` (default :func:`default_levels`), after checking they lie in (0, 1)."""
+    levels = default_levels() if levels is None else torch.as_tensor(levels, dtype=torch.float64)
+    if levels.dim() != 1 or not ((levels > 0) & (levels < 1)).all():
+        raise ValueError(f"levels must be a 1-D tensor of values in (0, 1), got {levels}")
+    return levels
+
+
 def coverage_curve(credibility: Tensor, levels: Tensor | None = None) -> Tensor:
     """Fraction of windows with credibility below each level.
 
@@ -114,9 +122,7 @@ def coverage_curve(credibility: Tensor, levels: Tensor | None = None) -> Tensor:
     Returns:
         ``(L, ...)`` coverage.
     """
-    levels = default_levels() if levels is None else torch.as_tensor(levels, dtype=torch.float64)
-    if levels.dim() != 1 or not ((levels > 0) & (levels < 1)).all():
-        raise ValueError(f"levels must be a 1-D tensor of values in (0, 1), got {levels}")
+    levels = _checked_levels(levels)
     c = credibility.to(torch.float64)
     return (c.unsqueeze(0) < levels.view(-1, *([1] * c.dim()))).double().mean(1)
 
@@ -141,9 +147,7 @@ def scaled_gaussian_coverage(scale: float, dim: int, levels: Tensor | None = Non
     """
     if not (scale > 0 and math.isfinite(scale)) or int(dim) != dim or dim < 1:
         raise ValueError(f"need scale > 0 and an integer dim >= 1, got scale={scale}, dim={dim}")
-    levels = default_levels() if levels is None else torch.as_tensor(levels, dtype=torch.float64)
-    if levels.dim() != 1 or not ((levels > 0) & (levels < 1)).all():
-        raise ValueError(f"levels must be a 1-D tensor of values in (0, 1), got {levels}")
+    levels = _checked_levels(levels)
     from scipy.stats import chi2  # imported here: scipy is slow to import
 
     return torch.as_tensor(chi2.cdf(scale**2 * chi2.ppf(levels.numpy(), dim), dim), dtype=torch.float64)
