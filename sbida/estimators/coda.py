@@ -238,9 +238,8 @@ class CODA(Estimator):
         if not lags:
             raise ValueError("the window has no observation at or after the target: no Laplace posterior")
         var = self.x_std.square().expand(self.state_shape).to(x.dtype)
-        with torch.enable_grad():
-            return gauss_newton_posterior(self.dynamics, self.observation_model, x, mask[:, lags],
-                                          [self.lags[i] for i in lags], self.hparams["every"], var)
+        return gauss_newton_posterior(self.dynamics, self.observation_model, x, mask[:, lags],
+                                      [self.lags[i] for i in lags], self.hparams["every"], var)
 
     @torch.no_grad()
     def calibrate_laplace(self, data: WindowDataset, windows: int = 512, lags: int | None = None,
