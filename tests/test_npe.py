@@ -1,6 +1,7 @@
 """The shared training loop and NPE: accuracy against the exact linear-Gaussian posterior, persistence, errors."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -206,6 +207,23 @@ def test_progress_bar_of_a_time_boxed_run_counts_the_share_of_the_budget(tiny, c
     NPE(task, **SMALL).fit(train, val, epochs=10**6, steps_per_epoch=2, max_time=1.0, patience=None, progress=True)
     err = capsys.readouterr().err
     assert "% of the budget" in err and "100% of the budget" in err and "2000000" not in err
+
+
+def test_progress_bar_is_full_when_the_validation_spends_the_rest_of_the_budget(tiny, capsys, monkeypatch):
+    """A machine under load can spend the time budget in the validation after the last step: the bar must still
+    end at 100 %."""
+    task, train, val = tiny
+    est = NPE(task, **SMALL)
+    evaluate = est.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(0.6)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(est, "evaluate", slow_evaluate)
+    est.fit(train, val, epochs=10**6, steps_per_epoch=1, max_time=0.5, patience=None, progress=True)
+    err = capsys.readouterr().err
+    assert "100% of the budget" in err, err[-300:]
 
 
 def test_best_epoch_is_restored_and_early_stopping(tiny):
