@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# test files spread over this many processes (pytest-xdist; one torch thread each): 2 for the 2-core CI machine
+TEST_WORKERS ?= 2
 
 .PHONY: install quickstart test lint bench clean
 
@@ -20,7 +22,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/sbida quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sbida tests benchmarks
