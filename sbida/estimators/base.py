@@ -421,8 +421,8 @@ class Estimator(nn.Module):
                     bad += 1
                 timed_out = max_time is not None and time.perf_counter() - t0 > max_time
                 stop = epoch + 1 >= epochs or (patience is not None and bad >= patience) or timed_out
-                if max_time is not None:  # the validation spends the budget too: the bar shows it before its refresh
-                    bar.update((100.0 if timed_out else 100.0 * budget_used(epoch * steps + count)) - bar.n)
+                if max_time is not None:  # the validation spends the budget too (a time-out reads 100 %)
+                    bar.update(100.0 * budget_used(epoch * steps + count) - bar.n)
                 bar.set_postfix(epoch=epoch, train=f"{train_loss:.4g}", val=f"{val_loss:.4g}", best=f"{best:.4g}")
                 if checkpoint is not None:
                     rngs = None
