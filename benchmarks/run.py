@@ -68,6 +68,9 @@ FIT_QUICK = {"epochs": 4, "max_time": 75.0, "val_windows": 1024, "patience": 100
 FIT_SMOKE = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 16, "val_windows": 32, "max_time": 30.0,
              "patience": 1000}
 CODA_QUICK = {"epochs": 1, "steps_per_epoch": 300, "batch_size": 16}
+# sampler settings of the short modes: NRE's default SMC (100 MALA moves per temperature) costs about 35 ms per sample
+# at K=40 on one thread, 12 min for the quick evaluation's 200 x 100 samples alone
+ESTIMATOR_SHORT = {"quick": {"nre": {"smc_moves": 10}}, "smoke": {"nre": {"smc_moves": 2}}}
 DATA = {"quick": {"lorenz96": {"n_trajectories": 128, "n_states": 256},
                   "linear-gaussian": {"n_trajectories": 512, "n_states": 64},
                   "kolmogorov": {"n_trajectories": 48, "n_states": 96}},
@@ -169,7 +172,7 @@ def benchmark_config(task: str, mode: str = "full", estimators: list[str] | None
             fit = dict(FIT_SMOKE if mode == "smoke" else FIT_QUICK)
             if name == "coda" and mode == "quick":
                 fit.update(CODA_QUICK)
-        hp = {}
+        hp = dict(ESTIMATOR_SHORT.get(mode, {}).get(name, {}))
         if name == "coda":  # the rollout may not exceed the window
             hp["rollout"] = min(int(_default(name, "rollout", 25)), t.window.length)
         hp.update(settings.get(name, {}).get("estimator", {}))

@@ -306,12 +306,20 @@ class Run:
 
     def _resumable(self, fit_state: Path, est, fit: dict) -> bool:
         """Whether ``fit_state`` is the training state of an interrupted fit of the same estimator and settings
-        (as recorded in the ``.fit.json`` beside it when that fit started)."""
+        (as recorded in the ``.fit.json`` beside it when that fit started). The sampler's settings
+        (``sampler_hparams`` of the estimator's class) are left out: they do not change the training."""
         settings = fit_state.with_suffix(".json")
         if not (fit_state.exists() and settings.exists()):
             return False
-        now = json.loads(json.dumps({"estimator": est.config(), "fit": fit}, default=str))
-        if json.loads(settings.read_text()) != now:
+        sampler = getattr(est, "sampler_hparams", frozenset())
+
+        def training(record: dict) -> dict:
+            hp = record.get("estimator", {}).get("hparams", {})
+            record.get("estimator", {})["hparams"] = {k: v for k, v in hp.items() if k not in sampler}
+            return record
+
+        now = training(json.loads(json.dumps({"estimator": est.config(), "fit": fit}, default=str)))
+        if training(json.loads(settings.read_text())) != now:
             self.log(f"{fit_state.name}: the estimator or its fit settings changed, training from the start")
             return False
         return True

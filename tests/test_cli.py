@@ -206,3 +206,21 @@ def test_an_interrupted_training_resumes_where_it_stopped_and_ends_as_an_uninter
                 echo=False)
     assert other.train()["npe"]["history"]["epoch"] == [0, 1]
     assert "settings changed, training from the start" in (tmp_path / "part/log.txt").read_text()
+
+
+def test_a_change_of_sampler_settings_resumes_the_training_and_a_change_of_network_does_not(tmp_path):
+    """The settings recorded beside a training state, compared without the estimator's ``sampler_hparams``."""
+    from sbida.runs import EstimatorSpec, Run, _estimator_settings
+
+    run = Run("l96-tiny", ["baselines={}"], out=tmp_path, progress=False, echo=False)
+    run.config.estimators = {"nre": EstimatorSpec(kind="nre", estimator={"channels": 8}, fit={"epochs": 1})}
+    cls, hp, fit = _estimator_settings(run.config, "nre")
+    state = tmp_path / "checkpoints" / "nre.fit.pt"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"")
+    state.with_suffix(".json").write_text(json.dumps({"estimator": cls(run.task, **hp).config(), "fit": fit},
+                                                     default=str))
+    assert "smc_moves" in cls.sampler_hparams and "channels" not in cls.sampler_hparams
+    assert run._resumable(state, cls(run.task, **{**hp, "smc_moves": 7, "proposal": "reference"}), fit)
+    assert not run._resumable(state, cls(run.task, **{**hp, "channels": 16}), fit)
+    assert not run._resumable(state, cls(run.task, **hp), {**fit, "epochs": 2})

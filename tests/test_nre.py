@@ -220,14 +220,14 @@ def test_laplace_fit_is_made_once_per_posterior(tiny, monkeypatch):
     assert len(calls) == 2 * first
 
 
-def test_auto_proposal_is_the_reference_with_a_flow_else_laplace_for_small_states(tiny, monkeypatch):
-    """``proposal="auto"`` (the default) resamples draws of the flow reference; with the diagonal reference it fits
-    the Laplace proposal up to ``LAPLACE_MAX`` values and takes the learned location-scale map beyond (the Hessian
-    costs D passes per window); ``posterior(..., proposal=)`` overrides it."""
+def test_auto_proposal_is_smc_with_a_flow_else_laplace_for_small_states(tiny, monkeypatch):
+    """``proposal="auto"`` (the default) moves draws of the flow reference by tempered SMC; with the diagonal
+    reference it fits the Laplace proposal up to ``LAPLACE_MAX`` values and takes the learned location-scale map
+    beyond (the Hessian costs D passes per window); ``posterior(..., proposal=)`` overrides it."""
     import sbida.estimators.nre as nre_module
 
     task, train, _, est = tiny
-    assert est.hparams["proposal"] == "auto" and est._proposal_kind("auto") == "reference"
+    assert est.hparams["proposal"] == "auto" and est._proposal_kind("auto") == "smc"
     diag = NRE(task, reference="diag", **SMALL)
     assert diag._proposal_kind("auto") == "laplace"
     calls = []
@@ -238,15 +238,17 @@ def test_auto_proposal_is_the_reference_with_a_flow_else_laplace_for_small_state
     default = est.posterior(y, m, t)
     a = default.sample(5, generator=torch.Generator().manual_seed(2))
     assert not calls and a.shape == (5, 3, 8) and torch.isfinite(a).all() and default.acceptance.shape == (3,)
-    again = est.posterior(y, m, t, proposal="reference").sample(5, generator=torch.Generator().manual_seed(2))
+    again = est.posterior(y, m, t, proposal="smc").sample(5, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, again)
+    resampled = est.posterior(y, m, t, proposal="reference").sample(5, generator=torch.Generator().manual_seed(2))
+    assert resampled.shape == a.shape and not torch.equal(a, resampled) and not calls
     est.posterior(y, m, t, proposal="laplace").sample(4, generator=g)
     assert len(calls) >= 1
     n = len(calls)
     learned = est.posterior(y, m, t, proposal="learned").sample(4, generator=g)
     assert len(calls) == n and learned.shape == (4, 3, 8)
     monkeypatch.setattr(nre_module, "LAPLACE_MAX", 4)  # now K = 8 is a large state
-    assert diag._proposal_kind("auto") == "learned" and est._proposal_kind("auto") == "reference"
+    assert diag._proposal_kind("auto") == "learned" and est._proposal_kind("auto") == "smc"
 
 
 def test_save_load_gives_identical_samples(tiny, tmp_path):
@@ -308,7 +310,7 @@ def interpolate_last(y: torch.Tensor, m: torch.Tensor, H: torch.Tensor) -> torch
 def test_nre_beats_climatology_and_interpolation_on_lorenz96():
     task = sbida.tasks.get("lorenz96", K=40)
     train, val, test = task.simulate(progress=False, n_trajectories=32, n_states=200).split(0.8, 0.1, 0.1)
-    est = NRE(task, channels=16, depth=2, emb_features=16, ratio_channels=16, steps=10)
+    est = NRE(task, channels=16, depth=2, emb_features=16, ratio_channels=16, smc_moves=20)
     est.fit(train, val, epochs=4, steps_per_epoch=20, batch_size=256, lr=3e-3, progress=False)
     x, y, m, t = test.get(torch.arange(0, len(test), 3))
     mean = est.posterior(y, m, t).sample(100, generator=torch.Generator().manual_seed(0)).mean(0).double()
@@ -325,7 +327,7 @@ def test_flow_reference_is_calibrated_on_linear_gaussian():
     Var[log q - log p], is well below the diagonal-Gaussian reference's (20.5 nats^2 at a larger budget)."""
     task = sbida.tasks.get("linear-gaussian")
     train, val = task.simulate(progress=False, n_trajectories=256).split(0.9, 0.1)
-    est = NRE(task, steps=6)
+    est = NRE(task, steps=6, smc_moves=20)  # the default's 100 moves are for rougher ratios (lorenz96 K=40)
     est.fit(train, val, epochs=3, steps_per_epoch=100, batch_size=256, progress=False)
     x, y, m, t = task.independent_windows(400, seed=7)
     mean, cov = task.simulator.exact_posterior(y, m, t, task.observation, task.window.offsets(),
