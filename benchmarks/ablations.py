@@ -1,8 +1,8 @@
 r"""Ablations: time embedding, mask channel, window length and simulation budget, each a small table.
 
-Every row trains an estimator (hyperparameters from ``configs/estimators/<kind>.yaml``, a fixed number of steps,
-:data:`BUDGETS`) and scores it with :func:`sbida.diagnostics.evaluate` on test windows: RMSE, nRMSE, CRPS,
-spread/skill and ECE (mean |coverage - level|).
+Every row trains an estimator (hyperparameters from ``configs/estimators/<kind>.yaml``, with the cheaper samplers of
+``run.ESTIMATOR_SHORT`` under ``--quick``/``--smoke``; a fixed number of steps, :data:`BUDGETS`) and scores it with
+:func:`sbida.diagnostics.evaluate` on test windows: RMSE, nRMSE, CRPS, spread/skill and ECE (mean |coverage - level|).
 
 - **Time embedding** (``lorenz96``, K=40; the transient makes :math:`t` informative): *off* sets the time of every
   window to 0 in the training, validation and test sets, so the window encoder's embedding of :math:`t` is a
@@ -35,6 +35,9 @@ from sbida.data import WindowDataset
 from sbida.diagnostics import evaluate
 from sbida.runs import EstimatorSpec, RunConfig, _estimator_settings
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import ESTIMATOR_SHORT  # noqa: E402  (the sampler settings of the short modes, as in run.py)
+
 __all__ = ["without_time", "without_mask", "train_and_score", "transient_windows", "BUDGETS", "TRANSIENT"]
 
 BUDGETS = {  # data (trajectories x saved states), fit overrides, evaluation
@@ -65,11 +68,14 @@ def without_mask(data: WindowDataset) -> WindowDataset:
 
 
 def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDataset, test: WindowDataset,
-                    fit: dict, n_windows: int, n_samples: int, seed: int = 0, early: Tensor | None = None) -> dict:
+                    fit: dict, n_windows: int, n_samples: int, seed: int = 0, early: Tensor | None = None,
+                    hparams: dict | None = None) -> dict:
     """Train one estimator on ``train`` and score it on ``n_windows`` random windows of ``test``.
 
     Args:
         early: indices of test windows to score it on as well (e.g. :func:`transient_windows`): keys ``*_early``.
+        hparams: estimator settings over the configuration files', by estimator name (e.g. the short modes' cheaper
+            samplers, ``run.ESTIMATOR_SHORT``).
 
     Returns:
         ``{"rmse", "nrmse", "crps", "spread_skill", "ece", "train_windows", "test_windows", "seconds"}`` (and
@@ -77,6 +83,7 @@ def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDatas
         ``early``).
     """
     hp = {"rollout": min(task.window.length, 25)} if estimator == "coda" else {}
+    hp.update((hparams or {}).get(estimator, {}))
     cfg = RunConfig(task=task.name, estimators={estimator: EstimatorSpec(kind=estimator, estimator=hp, fit=fit)},
                     seed=seed)
     cls, hp, fit_args = _estimator_settings(cfg, estimator)
@@ -134,7 +141,8 @@ def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int
     for name, value in (("windows", windows), ("samples", samples)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be a positive number, got {value}")
-    kw = {"n_windows": windows or b["windows"], "n_samples": samples or b["samples"], "seed": seed}
+    kw = {"n_windows": windows or b["windows"], "n_samples": samples or b["samples"], "seed": seed,
+          "hparams": ESTIMATOR_SHORT.get(mode, {})}
     size = {} if K is None else {"K": K}
     out: dict[str, list[dict]] = {}
 

@@ -71,7 +71,7 @@ def _rss_mb() -> float:
 
 def measure(task_name: str, size: int, estimator: str, steps: int = 10, batch_size: int = 64,
             n_trajectories: int = 16, n_states: int = 64, eval_windows: int = 32, n_samples: int = 100,
-            seed: int = 0) -> dict:
+            seed: int = 0, hparams: dict | None = None) -> dict:
     """Costs and scores of one estimator at one size (run it in a fresh process for a meaningful peak memory).
 
     Args:
@@ -83,6 +83,7 @@ def measure(task_name: str, size: int, estimator: str, steps: int = 10, batch_si
         n_trajectories, n_states: the simulated dataset.
         eval_windows, n_samples: the evaluation.
         seed: seed of everything.
+        hparams: estimator settings over the configuration file's.
 
     Returns:
         ``{"D", "step_seconds", "sample_seconds", "peak_mb", "extra_mb", "nrmse", "ece", ...}``.
@@ -100,6 +101,7 @@ def measure(task_name: str, size: int, estimator: str, steps: int = 10, batch_si
     sim_seconds = time.perf_counter() - t0
     train, val, test = data.split(0.7, 0.1, 0.2, seed=seed)
     hp = {"rollout": task.window.length} if estimator == "coda" else {}
+    hp.update(hparams or {})
     cfg = RunConfig(task=task_name, estimators={estimator: EstimatorSpec(kind=estimator, estimator=hp)}, seed=seed)
     cls, hp, fit = _estimator_settings(cfg, estimator)
     est = cls(task, **hp)
@@ -216,8 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.one:
         task, size, est = a.one
         small = a.smoke or a.quick
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from run import ESTIMATOR_SHORT  # the sampler settings of the short modes, as in run.py
+
+        hp = ESTIMATOR_SHORT["smoke" if a.smoke else "quick"].get(est) if small else None
         print(json.dumps(measure(task, int(size), est, steps=steps, eval_windows=16 if small else 64,
-                                 n_samples=50 if small else 200, n_trajectories=12 if small else 32)))
+                                 n_samples=50 if small else 200, n_trajectories=12 if small else 32, hparams=hp)))
         return 0
     sizes = a.sizes or ([8, 16] if a.smoke else SIZES)
     estimators = a.estimators or (["npe"] if a.smoke else ESTIMATORS)
