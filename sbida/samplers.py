@@ -39,7 +39,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["mala", "smc", "SMCResult", "systematic_resample", "effective_sample_size", "DENSE_MAX"]
+__all__ = ["mala", "smc", "SMCResult", "tempered_log_evidence", "systematic_resample", "effective_sample_size",
+           "DENSE_MAX"]
 
 DENSE_MAX = 256  # dense preconditioners up to this many variables (their cost grows as D^2 per chain and step)
 
@@ -195,6 +196,9 @@ class SMCResult(NamedTuple):
     temperatures: Tensor  # (B,) number of temperatures b_1, ..., b_K = 1 (K)
     ess: Tensor  # (B,) smallest ESS of the incremental weights over the temperatures (a count of particles)
     acceptance: Tensor  # (B,) mean MALA acceptance over all moves
+    # with record=True, per temperature (b_0 = 0 first): b (B,), log Z_b (B,), and log l and log p of the particles
+    # (N, B) after their moves at b
+    path: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
 
 
 def systematic_resample(log_w: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -214,7 +218,8 @@ def effective_sample_size(log_w: Tensor) -> Tensor:
 
 def smc(log_prior_and_likelihood: Callable[[Tensor], tuple[Tensor, Tensor]], v0: Tensor, moves: int = 10,
         ess_fraction: float = 0.5, target_acceptance: float = 0.5, max_temperatures: int = 500,
-        generator: torch.Generator | None = None, progress: bool = False, dense: bool | None = None) -> SMCResult:
+        generator: torch.Generator | None = None, progress: bool = False, dense: bool | None = None,
+        record: bool = False) -> SMCResult:
     r"""Likelihood-tempered SMC over ``B`` independent targets of ``N`` particles each (see the module).
 
     Targets :math:`\pi_b(v) \propto p(v)\, \ell(v)^b` for :math:`0 = b_0 < b_1 < \dots < b_K = 1`; each step picks
@@ -237,6 +242,8 @@ def smc(log_prior_and_likelihood: Callable[[Tensor], tuple[Tensor, Tensor]], v0:
         generator: random generator.
         progress: show a progress bar (of the smallest temperature over the targets).
         dense: dense preconditioner (default: up to ``DENSE_MAX`` variables and from ``2 D`` draws), else diagonal.
+        record: keep the path of temperatures, evidences and the particles' log-likelihoods
+            (:func:`tempered_log_evidence` reads it).
 
     Returns:
         An :class:`SMCResult`.
@@ -269,6 +276,7 @@ def smc(log_prior_and_likelihood: Callable[[Tensor], tuple[Tensor, Tensor]], v0:
     min_ess = torch.full((B,), float(N), dtype=dt, device=dev)
     acc_sum, n_moves = torch.zeros(B, dtype=dt, device=dev), 0
     bar = tqdm(total=100, desc="SMC", disable=not progress, leave=False)
+    path = [(b.clone(), log_z.clone(), ll.clone(), lp.clone())] if record else None
 
     while bool((b < 1).any()):
         if int(n_temp.max()) >= max_temperatures:
@@ -304,6 +312,39 @@ def smc(log_prior_and_likelihood: Callable[[Tensor], tuple[Tensor, Tensor]], v0:
                                                       S_half_inv, generator)
             log_h = log_h + (rate - target_acceptance)
             acc_sum, n_moves = acc_sum + rate, n_moves + 1
+        if path is not None:
+            path.append((b.clone(), log_z.clone(), ll.clone(), lp.clone()))
         bar.update(int(100 * float(b.min())) - bar.n)
     bar.close()
-    return SMCResult(v, log_z, n_temp, min_ess, acc_sum / max(n_moves, 1))
+    return SMCResult(v, log_z, n_temp, min_ess, acc_sum / max(n_moves, 1), path)
+
+
+def tempered_log_evidence(path: list[tuple[Tensor, ...]], tau: Tensor) -> Tensor:
+    r"""``log Z(tau) = log E_p[l^tau]`` for temperatures ``tau`` in ``[0, 1]``, from the ``path`` of an
+    :func:`smc` run with ``record=True``: from the last temperature :math:`b_k \le \tau` of each target,
+    :math:`\log Z(\tau) = \log Z(b_k) + \log \frac1N \sum_i \ell(v_i)^{\tau - b_k}` over its particles (an
+    importance-sampling step no longer than the run's own, whose effective sample size was kept at ``rho N``).
+
+    Args:
+        path: ``SMCResult.path``.
+        tau: ``(S,)`` temperatures.
+
+    Returns:
+        ``(S, B)`` log-evidences (relative to the constants of ``p`` and ``l``).
+    """
+    if not path:
+        raise ValueError("path is empty: run smc(..., record=True)")
+    tau = torch.as_tensor(tau, dtype=path[0][0].dtype, device=path[0][0].device).reshape(-1)
+    if (tau < 0).any() or (tau > 1).any():
+        raise ValueError(f"temperatures must lie in [0, 1], got {tau.tolist()}")
+    b = torch.stack([p[0] for p in path])  # (K, B), non-decreasing down the path
+    log_z = torch.stack([p[1] for p in path])  # (K, B)
+    ll = torch.stack([p[2] for p in path])  # (K, N, B)
+    N = ll.shape[1]
+    k = (b[None] <= tau[:, None, None]).sum(1) - 1  # (S, B): the last temperature at or below tau
+    bk = torch.gather(b, 0, k)
+    zk = torch.gather(log_z, 0, k)
+    llk = torch.gather(ll, 0, k[:, None, :].expand(-1, N, -1))  # (S, N, B)
+    step = (tau[:, None] - bk)[:, None, :]
+    log_w = torch.where(step > 0, step * llk, torch.zeros_like(llk))
+    return zk + torch.logsumexp(log_w, 1) - math.log(N)

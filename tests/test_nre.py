@@ -344,3 +344,40 @@ def test_flow_reference_is_calibrated_on_linear_gaussian():
     assert cover.ece <= 0.05, cover.ece
     assert rmse < 1.4, float(rmse)  # measured 1.29 at this budget: NRE's mean is not yet within 15 % of the exact
     assert ratio_var < 10, float(ratio_var)
+
+    # the ratio's temperature fitted on validation windows (f is nearly 0 here: the reference carries the posterior)
+    fitted = est.fit_temperature(val, windows=32, particles=32, moves=5, max_temperature=2.0)
+    assert est.hparams["ratio_temperature"] == fitted["temperature"] and fitted["windows"] == 32
+    with pytest.raises(ValueError, match="criterion"):
+        est.fit_temperature(val, criterion="ece")
+    with pytest.raises(ValueError, match="grid"):
+        est.fit_temperature(val, grid=[0.5, 3.0])
+
+
+def test_temperature_scores_find_the_temperature_of_an_overconfident_gaussian_ratio():
+    """Truths from the exact posterior of prior N(0, I) and a Gaussian likelihood; the "ratio" is twice the true
+    log-likelihood (an overconfident classifier). From one SMC path up to that ratio, the likelihood and the coverage
+    of the truths both pick a temperature near 1/2, and both score the untempered ratio badly."""
+    from sbida.estimators.nre import _temperature_score, _temperature_scores
+    from sbida.samplers import smc
+
+    g = torch.Generator().manual_seed(0)
+    B, D, N = 200, 4, 256
+    P = 4.0 * torch.eye(D, dtype=torch.float64)  # observation precision
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    r = x + 0.5 * torch.randn(B, D, generator=g, dtype=torch.float64)  # r ~ N(x, P^-1)
+
+    def log_p_and_f(v):
+        d = v - r
+        return -0.5 * v.pow(2).sum(-1), 2 * (-0.5 * torch.einsum("...bi,ij,...bj->...b", d, P, d))
+
+    res = smc(log_p_and_f, torch.randn(N, B, D, generator=g, dtype=torch.float64), moves=10, generator=g,
+              record=True)
+    lp_true, f_true = log_p_and_f(x[None])
+    s = torch.linspace(0.05, 1.0, 20, dtype=torch.float64)
+    for criterion, tol in (("nll", 0.06), ("coverage", 0.16)):
+        score = _temperature_score(_temperature_scores(res.path, s, lp_true[0], f_true[0], criterion), criterion)
+        best = float(s[int(score.argmin())])
+        assert abs(best - 0.5) <= tol, (criterion, best, score)
+    cover = _temperature_score(_temperature_scores(res.path, s, lp_true[0], f_true[0], "coverage"), "coverage")
+    assert cover[-1] > 0.1 and cover[9] < 0.05, cover  # the ratio at 1: overconfident; at 1/2: calibrated

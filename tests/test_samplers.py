@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sbida.samplers import _dense, effective_sample_size, mala, smc, systematic_resample
+from sbida.samplers import _dense, effective_sample_size, mala, smc, systematic_resample, tempered_log_evidence
 
 
 def _gaussian_problem(B: int = 2, D: int = 10, scale: float = 0.15):
@@ -26,6 +26,7 @@ def _gaussian_problem(B: int = 2, D: int = 10, scale: float = 0.15):
 
     cov = torch.linalg.inv(torch.eye(D, dtype=torch.float64) + P)
     mean = torch.einsum("ij,bj->bi", cov @ P, r)
+    f.P, f.r = P, r
     return f, mean, cov.expand(B, D, D)
 
 
@@ -92,3 +93,24 @@ def test_mala_with_a_diagonal_preconditioner_samples_an_anisotropic_gaussian():
     assert ((acc > 0.3) & (acc < 0.9)).all(), acc
     assert ((s.std(0) / scales - 1).abs() < 0.15).all(), s.std(0) / scales
     assert ((s.mean(0) / scales).abs() < 0.15).all()
+
+
+def test_tempered_log_evidence_matches_the_gaussian_evidence_at_every_temperature():
+    """log E_p[l^tau] for prior N(0, I) and l = exp(-(v - r)^T P (v - r) / 2): with A = tau P,
+    log Z = -log det(I + A) / 2 - r^T A (I + A)^{-1} r / 2, far from 0 (the check can fail)."""
+    f, *_ = _gaussian_problem(B=2, D=6, scale=0.5)
+    g = torch.Generator().manual_seed(4)
+    res = smc(f, torch.randn(2000, 2, 6, generator=g, dtype=torch.float64), moves=10, generator=g, record=True)
+    assert res.path is not None and len(res.path) == int(res.temperatures.max()) + 1
+    assert torch.equal(res.path[-1][1], res.log_evidence)
+    P, r = f.P, f.r
+    taus = torch.tensor([0.0, 0.1, 0.35, 0.7, 1.0], dtype=torch.float64)
+    est = tempered_log_evidence(res.path, taus)
+    eye = torch.eye(6, dtype=torch.float64)
+    for i, tau in enumerate(taus):
+        A = tau * P
+        exact = -0.5 * torch.logdet(eye + A) - 0.5 * torch.einsum("bi,ij,bj->b", r, A @ torch.linalg.inv(eye + A), r)
+        assert torch.allclose(est[i], exact, atol=0.15), (float(tau), est[i], exact)
+    assert (est[-1] < -3).all()
+    with pytest.raises(ValueError, match="lie in"):
+        tempered_log_evidence(res.path, torch.tensor([1.5]))

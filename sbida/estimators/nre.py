@@ -73,6 +73,8 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -82,9 +84,10 @@ from torch import Tensor, nn
 from torch.distributions import AffineTransform, Distribution, Independent, Normal, TransformedDistribution
 
 from ..data import WindowDataset
+from ..diagnostics.coverage import coverage_curve, default_levels
 from ..nn import GridFlow, WindowEncoder, periodic_conv
 from ..posterior import SamplerPosterior
-from ..samplers import smc
+from ..samplers import smc, tempered_log_evidence
 from .base import Batch, Estimator
 
 __all__ = ["NRE", "RatioNet"]
@@ -175,9 +178,11 @@ class NRE(Estimator):
         "loss": "nre", "lmbda": 100.0, "contrast_weight": 1.0, "proposal_weight": 1.0,
         "marginal": "full", "marginal_steps": 2000, "shrinkage": 0.01, "proposal": "auto", "newton": 3, "steps": 10,
         "inflate": 1.1, "sample_rows": 65536, "smc_moves": 100, "smc_ess": 0.3,
+        "ratio_temperature": 1.0,
     }
     # the sampler's settings: changing them does not change the network or its training (an interrupted fit resumes)
-    sampler_hparams = frozenset({"proposal", "newton", "steps", "inflate", "sample_rows", "smc_moves", "smc_ess"})
+    sampler_hparams = frozenset({"proposal", "newton", "steps", "inflate", "sample_rows", "smc_moves", "smc_ess",
+                                 "ratio_temperature"})
 
     def build(self) -> None:
         h = self.hparams
@@ -192,6 +197,8 @@ class NRE(Estimator):
         if int(h["steps"]) < 0 or float(h["inflate"]) <= 0 or int(h["newton"]) < 0:
             raise ValueError(f"steps and newton must be >= 0 and inflate > 0, got {h['steps']}, {h['newton']} and "
                              f"{h['inflate']}")
+        if not float(h["ratio_temperature"]) > 0:
+            raise ValueError(f"ratio_temperature must be > 0, got {h['ratio_temperature']}")
         if int(h["smc_moves"]) < 1 or not 0 < float(h["smc_ess"]) < 1:
             raise ValueError(f"smc_moves must be >= 1 and 0 < smc_ess < 1, got {h['smc_moves']} and {h['smc_ess']}")
         self._proposal_kind(h["proposal"])
@@ -300,10 +307,12 @@ class NRE(Estimator):
         u = base.transform.inv(base.base.mean)
         return ref.transforms[0](u)
 
-    def log_posterior(self, z: Tensor, context: Tensor, ref: Distribution) -> Tensor:
-        """Unnormalized log-posterior ``f(z~, y) + log g(z~ | y)`` of standardized flat states ``(..., B, D)`` given
-        the classifier's context ``(B, C, *grid)`` and the reference ``g`` (:meth:`reference`): ``(..., B)``."""
-        return self.ratio(z, context) + ref.log_prob(z)
+    def log_posterior(self, z: Tensor, context: Tensor, ref: Distribution, tau: float = 1.0) -> Tensor:
+        """Unnormalized log-posterior ``tau f(z~, y) + log g(z~ | y)`` of standardized flat states ``(..., B, D)``
+        given the classifier's context ``(B, C, *grid)`` and the reference ``g`` (:meth:`reference`): ``(..., B)``
+        (``tau``: the ratio's temperature, 1 in training)."""
+        f = self.ratio(z, context)
+        return (f if tau == 1.0 else tau * f) + ref.log_prob(z)
 
     def log_ratio(self, z: Tensor, context: Tensor, ref: Distribution) -> Tensor:
         """Log posterior-to-marginal ratio ``log r = log q(z~ | y) - log p^(z~)`` ``(..., B)`` (the classifier's
@@ -385,6 +394,7 @@ class NRE(Estimator):
         steps = int(self.hparams["steps"] if steps is None else steps)
         inflate = float(self.hparams["inflate"] if inflate is None else inflate)
         moves = int(self.hparams["smc_moves"] if moves is None else moves)
+        tau = float(self.hparams["ratio_temperature"])
         if steps < 0 or inflate <= 0 or moves < 1:
             raise ValueError(f"steps must be >= 0, inflate > 0 and moves >= 1, got {steps}, {inflate} and {moves}")
         hmap, _ = self.encoder(batch.y, batch.mask, batch.t)
@@ -406,7 +416,7 @@ class NRE(Estimator):
 
         def target(j: slice, ref_j: Distribution | None = None):
             ref_j = self.reference(hmap[j]) if ref_j is None else ref_j
-            return functools.partial(self.log_posterior, context=context[j], ref=ref_j)
+            return functools.partial(self.log_posterior, context=context[j], ref=ref_j, tau=tau)
 
         def metric() -> _Metric:
             """The proposal of all windows: the Laplace fit (made once, in chunks of ``rows / D`` windows), or the
@@ -431,7 +441,7 @@ class NRE(Estimator):
                 xi = torch.randn(m_cand, j.stop - j.start, D, generator=generator, device=loc.device,
                                  dtype=loc.dtype)
                 cand = _reference_draws(ref_j, xi)
-                log_w = self.ratio(cand, context[j])  # log q - log g = f
+                log_w = tau * self.ratio(cand, context[j])  # log q - log g = tau f
                 mass = _empirical_metric(cand, dense=D <= LAPLACE_MAX)
                 z = _resample(cand, log_w, n, generator)
             return _mala(target(j, ref_j), z, steps, mass, generator)
@@ -442,7 +452,7 @@ class NRE(Estimator):
             with torch.no_grad():
                 xi = torch.randn(n, j.stop - j.start, D, generator=generator, device=loc.device, dtype=loc.dtype)
                 v0 = _reference_draws(ref_j, xi)
-            res = smc(lambda z: (ref_j.log_prob(z), self.ratio(z, ctx_j)), v0, moves=moves,
+            res = smc(lambda z: (ref_j.log_prob(z), tau * self.ratio(z, ctx_j)), v0, moves=moves,
                       ess_fraction=float(self.hparams["smc_ess"]), generator=generator)
             return res.particles.detach(), res.acceptance
 
@@ -470,12 +480,130 @@ class NRE(Estimator):
             lead = x.shape[:-1 - len(self.state_shape)]
             z = ((x.to(loc.dtype).reshape(-1, B, D)) - x_mean) / x_std
             per = max(1, rows // B)
-            lp = torch.cat([self.log_posterior(z[k:k + per], context, ref) for k in range(0, z.shape[0], per)])
+            lp = torch.cat([self.log_posterior(z[k:k + per], context, ref, tau) for k in range(0, z.shape[0], per)])
             return (lp - log_jac).reshape(*lead, B)
 
         post = SamplerPosterior(sample_fn, B, self.state_shape, log_prob_fn=log_prob_fn, device=loc.device)
         post.acceptance = None
         return post
+
+
+    def fit_temperature(self, data: WindowDataset, windows: int = 128, particles: int = 128,
+                        moves: int | None = None, max_temperature: float = 1.0,
+                        grid: Sequence[float] | Tensor | None = None, criterion: str = "coverage",
+                        seed: int = 0) -> dict[str, Any]:
+        r"""Fit the ratio's temperature :math:`\tau` of the posterior :math:`g\,e^{\tau f}` on held-out windows
+        and set it (``hparams["ratio_temperature"]``, used by :meth:`posterior` and its ``log_prob``).
+
+        Temperature scaling of the classifier's logit: below 1 it widens an overconfident ratio. One tempered SMC run
+        per window of ``data`` (``windows`` of them, not training windows) moves ``particles`` draws of ``g`` to
+        :math:`g\,e^{\tau_{max} f}` with ``moves`` MALA moves per temperature (default the ``smc_moves``
+        hyperparameter, the sampler the posterior will use) and keeps its path; every temperature of ``grid``
+        (default 40 values up to ``max_temperature``) is then scored from that one run:
+
+        - ``criterion="coverage"``: the ECE of the highest-density coverage of the true states at the levels 0.05
+          ... 0.95, each truth ranked by :math:`\log g + \tau f` among the particles of the last temperature at or
+          below :math:`\tau`, reweighted by :math:`e^{(\tau - b_k) f}`. It calibrates the sampler and the model
+          together: the particles are what the posterior draws.
+        - ``criterion="nll"``: the mean negative log-likelihood of the true states,
+          :math:`-\log g(x) - \tau f(x) + \log \mathbb E_g[e^{\tau f}]`, the normalizer from the run's evidence
+          (:func:`sbida.samplers.tempered_log_evidence`). Proper, but an SMC run that has not mixed underestimates
+          the normalizer of a sharp ratio and so favours a high temperature: on ``lorenz96`` K=40 (10 epochs into the
+          full budget) it gave 0.90 with 30 moves and 0.85 with 100, where the coverage of 100 test windows asked
+          for about 0.5 (``benchmarks/RESULTS.md``).
+
+        Returns:
+            ``{"temperature", "criterion", "grid", "score", "score_at_1", "windows"}`` (``score``: ECE or NLL in
+            nats per window up to a constant, one per grid temperature; ``score_at_1``: at temperature 1).
+        """
+        if not isinstance(data, WindowDataset) or len(data) == 0:
+            raise ValueError(f"data must be a non-empty WindowDataset, got {data!r}")
+        if criterion not in ("coverage", "nll"):
+            raise ValueError(f"criterion must be 'coverage' or 'nll', got {criterion!r}")
+        moves = int(self.hparams["smc_moves"] if moves is None else moves)
+        if windows < 1 or particles < 2 or moves < 1 or not max_temperature > 0:
+            raise ValueError(f"need windows >= 1, particles >= 2, moves >= 1 and max_temperature > 0, got {windows}, "
+                             f"{particles}, {moves} and {max_temperature}")
+        top = float(max_temperature)
+        grid = torch.linspace(top / 40, top, 40, dtype=torch.float64) if grid is None \
+            else torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
+        if len(grid) == 0 or (grid <= 0).any() or (grid > top).any():
+            raise ValueError(f"grid must hold temperatures in (0, max_temperature={top}], got {grid.tolist()}")
+        full = torch.cat([grid, torch.ones(1, dtype=torch.float64)]) if top >= 1 else grid
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:windows]
+        was_training = self.training
+        self.eval()
+        x, y, m, t = (a.to(self.device) for a in data.get(idx))
+        batch = self.standardize(x, y, m, t)
+        with torch.no_grad():
+            hmap, _ = self.encoder(batch.y, batch.mask, batch.t)
+            context = self.ratio.context(hmap)
+            zt = batch.x.flatten(1)
+            f_true = self.ratio(zt[None], context)[0].double()  # (B,)
+            g_true = self.reference(hmap).log_prob(zt).double()
+        B, D = zt.shape
+        chunk = max(1, int(self.hparams["sample_rows"]) // particles)
+        scores = []
+        for i in range(0, B, chunk):
+            j = slice(i, min(B, i + chunk))
+            ref_j, ctx_j = self.reference(hmap[j]), context[j]
+            with torch.no_grad():
+                xi = torch.randn(particles, j.stop - j.start, D, generator=gen, device=zt.device, dtype=zt.dtype)
+                v0 = _reference_draws(ref_j, xi)
+            res = smc(lambda z, ref_j=ref_j, ctx_j=ctx_j: (ref_j.log_prob(z), top * self.ratio(z, ctx_j)), v0,
+                      moves=moves, ess_fraction=float(self.hparams["smc_ess"]), generator=gen, record=True)
+            scores.append(_temperature_scores(res.path, (full / top).to(zt.dtype), g_true[j], top * f_true[j],
+                                              criterion))
+        score = _temperature_score(torch.cat(scores, 1), criterion)
+        score_at_1 = float(score[-1]) if top >= 1 else float("nan")
+        score = score[:len(grid)]
+        best = int(score.argmin())
+        if best == len(grid) - 1 and len(grid) > 1 and top < 4:
+            warnings.warn(f"the best temperature is the grid's largest ({float(grid[best]):.3g}): raise "
+                          "max_temperature", stacklevel=2)
+        tau = float(grid[best])
+        self.hparams["ratio_temperature"] = tau
+        self.train(was_training)
+        return {"temperature": tau, "criterion": criterion, "grid": grid.tolist(), "score": score.tolist(),
+                "score_at_1": score_at_1, "windows": B}
+
+
+def _temperature_scores(path: list[tuple[Tensor, ...]], s: Tensor, log_p_true: Tensor, ll_true: Tensor,
+                        criterion: str) -> Tensor:
+    """Per temperature ``s`` ``(S,)`` and window: the truth's negative log-likelihood under ``p l^s / Z(s)``
+    (``"nll"``) or its highest-density credibility (``"coverage"``), ``(S, B)``, from an SMC path of ``p`` and ``l``
+    (``log p`` and ``log l`` of the truths ``(B,)``)."""
+    if criterion == "nll":
+        return -(log_p_true.double() + s.double()[:, None] * ll_true.double()) + tempered_log_evidence(path, s).double()
+    return _tempered_credibility(path, s, log_p_true, ll_true)
+
+
+def _temperature_score(per: Tensor, criterion: str) -> Tensor:
+    """The score of each temperature ``(S,)`` from :func:`_temperature_scores` ``(S, B)``: the mean NLL, or the ECE
+    of the highest-density coverage at the levels 0.05 ... 0.95."""
+    if criterion == "nll":
+        return per.mean(1)
+    return (coverage_curve(per.T) - default_levels()[:, None]).abs().mean(0)
+
+
+def _tempered_credibility(path: list[tuple[Tensor, ...]], s: Tensor, log_p_true: Tensor, ll_true: Tensor) -> Tensor:
+    """Highest-density credibility ``(S, B)`` of the truths under ``p l^s`` for the temperatures ``s`` ``(S,)``, from
+    an SMC path (:attr:`sbida.samplers.SMCResult.path`): the weighted share of the particles of the last temperature
+    ``b_k <= s``, reweighted by ``l^(s - b_k)``, whose density exceeds the truth's (``log p`` and ``log l`` of the
+    truths ``(B,)``)."""
+    b = torch.stack([p[0] for p in path])  # (K, B)
+    ll = torch.stack([p[2] for p in path]).double()  # (K, N, B)
+    lp = torch.stack([p[3] for p in path]).double()
+    N = ll.shape[1]
+    k = (b[None] <= s[:, None, None]).sum(1) - 1  # (S, B)
+    pick = k[:, None, :].expand(-1, N, -1)
+    ll_k, lp_k = torch.gather(ll, 0, pick), torch.gather(lp, 0, pick)  # (S, N, B)
+    s = s.double()[:, None, None]
+    step = s - torch.gather(b, 0, k).double()[:, None, :]
+    w = torch.softmax(torch.where(step > 0, step * ll_k, torch.zeros_like(ll_k)), 1)
+    above = (lp_k + s * ll_k) > (log_p_true + s[..., 0] * ll_true)[:, None, :]
+    return (w * above).sum(1)
 
 
 class _Metric:
