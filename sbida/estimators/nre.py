@@ -165,7 +165,8 @@ class NRE(Estimator):
     the Gaussian's covariance towards the diagonal); sampler ``proposal`` (``"smc"``, ``"reference"``,
     ``"laplace"``, ``"learned"`` or ``"auto"``: SMC with a flow reference, else Laplace for states of up to
     ``LAPLACE_MAX`` values and learned beyond; see the module docstring), ``smc_moves`` and ``smc_ess`` (SMC's MALA
-    moves per temperature and the fraction of effective particles kept at each), ``newton`` (Newton steps to the
+    moves per temperature and the fraction of effective particles kept at each), ``ratio_temperature`` (``tau`` of
+    the posterior ``g e^{tau f}``, 1 by default; :meth:`fit_temperature` fits it), ``newton`` (Newton steps to the
     mode), ``steps`` (MALA steps after resampling), ``inflate`` (proposal scale factor), ``sample_rows`` (chains x
     windows run at once, bounds memory). The sampler's settings (``sampler_hparams``) can change between an
     interrupted fit and its resumption.
@@ -491,7 +492,7 @@ class NRE(Estimator):
     def fit_temperature(self, data: WindowDataset, windows: int = 128, particles: int = 128,
                         moves: int | None = None, max_temperature: float = 1.0,
                         grid: Sequence[float] | Tensor | None = None, criterion: str = "coverage",
-                        seed: int = 0) -> dict[str, Any]:
+                        seed: int = 0, progress: bool = False) -> dict[str, Any]:
         r"""Fit the ratio's temperature :math:`\tau` of the posterior :math:`g\,e^{\tau f}` on held-out windows
         and set it (``hparams["ratio_temperature"]``, used by :meth:`posterior` and its ``log_prob``).
 
@@ -511,6 +512,8 @@ class NRE(Estimator):
           the normalizer of a sharp ratio and so favours a high temperature: on ``lorenz96`` K=40 (10 epochs into the
           full budget) it gave 0.90 with 30 moves and 0.85 with 100, where the coverage of 100 test windows asked
           for about 0.5 (``benchmarks/RESULTS.md``).
+
+        ``progress`` shows the SMC runs' progress bars.
 
         Returns:
             ``{"temperature", "criterion", "grid", "score", "score_at_1", "windows"}`` (``score``: ECE or NLL in
@@ -552,7 +555,8 @@ class NRE(Estimator):
                 xi = torch.randn(particles, j.stop - j.start, D, generator=gen, device=zt.device, dtype=zt.dtype)
                 v0 = _reference_draws(ref_j, xi)
             res = smc(lambda z, ref_j=ref_j, ctx_j=ctx_j: (ref_j.log_prob(z), top * self.ratio(z, ctx_j)), v0,
-                      moves=moves, ess_fraction=float(self.hparams["smc_ess"]), generator=gen, record=True)
+                      moves=moves, ess_fraction=float(self.hparams["smc_ess"]), generator=gen, record=True,
+                      progress=progress)
             scores.append(_temperature_scores(res.path, (full / top).to(zt.dtype), g_true[j], top * f_true[j],
                                               criterion))
         score = _temperature_score(torch.cat(scores, 1), criterion)
