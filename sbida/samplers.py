@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["mala", "smc", "SMCResult", "tempered_log_evidence", "systematic_resample", "effective_sample_size",
-           "DENSE_MAX"]
+__all__ = ["mala", "smc", "SMCResult", "path_at", "tempered_log_evidence", "systematic_resample",
+           "effective_sample_size", "DENSE_MAX"]
 
 DENSE_MAX = 256  # dense preconditioners up to this many variables (their cost grows as D^2 per chain and step)
 
@@ -319,11 +319,29 @@ def smc(log_prior_and_likelihood: Callable[[Tensor], tuple[Tensor, Tensor]], v0:
     return SMCResult(v, log_z, n_temp, min_ess, acc_sum / max(n_moves, 1), path)
 
 
+def path_at(path: list[tuple[Tensor, ...]], tau: Tensor) -> tuple[Tensor, ...]:
+    """The state of a recorded :func:`smc` path at the last temperature :math:`b_k \\le \\tau` of each target, for
+    every temperature of ``tau`` ``(S,)`` in ``[0, 1]``: ``b_k``, ``log Z(b_k)`` ``(S, B)`` and the particles' log
+    likelihoods and log prior densities ``(S, N, B)`` there."""
+    if not path:
+        raise ValueError("path is empty: run smc(..., record=True)")
+    tau = torch.as_tensor(tau, dtype=path[0][0].dtype, device=path[0][0].device).reshape(-1)
+    if (tau < 0).any() or (tau > 1).any():
+        raise ValueError(f"temperatures must lie in [0, 1], got {tau.tolist()}")
+    b = torch.stack([p[0] for p in path])  # (K, B), non-decreasing down the path
+    k = (b[None] <= tau[:, None, None]).sum(1) - 1  # (S, B): the last temperature at or below tau
+    pick = k[:, None, :].expand(-1, path[0][2].shape[0], -1)
+    return (torch.gather(b, 0, k), torch.gather(torch.stack([p[1] for p in path]), 0, k),
+            torch.gather(torch.stack([p[2] for p in path]), 0, pick),
+            torch.gather(torch.stack([p[3] for p in path]), 0, pick))
+
+
 def tempered_log_evidence(path: list[tuple[Tensor, ...]], tau: Tensor) -> Tensor:
     r"""``log Z(tau) = log E_p[l^tau]`` for temperatures ``tau`` in ``[0, 1]``, from the ``path`` of an
-    :func:`smc` run with ``record=True``: from the last temperature :math:`b_k \le \tau` of each target,
-    :math:`\log Z(\tau) = \log Z(b_k) + \log \frac1N \sum_i \ell(v_i)^{\tau - b_k}` over its particles (an
-    importance-sampling step no longer than the run's own, whose effective sample size was kept at ``rho N``).
+    :func:`smc` run with ``record=True``: from the last temperature :math:`b_k \le \tau` of each target
+    (:func:`path_at`), :math:`\log Z(\tau) = \log Z(b_k) + \log \frac1N \sum_i \ell(v_i)^{\tau - b_k}` over
+    its particles (an importance-sampling step no longer than the run's own, whose effective sample size was kept at
+    ``rho N``).
 
     Args:
         path: ``SMCResult.path``.
@@ -332,19 +350,8 @@ def tempered_log_evidence(path: list[tuple[Tensor, ...]], tau: Tensor) -> Tensor
     Returns:
         ``(S, B)`` log-evidences (relative to the constants of ``p`` and ``l``).
     """
-    if not path:
-        raise ValueError("path is empty: run smc(..., record=True)")
-    tau = torch.as_tensor(tau, dtype=path[0][0].dtype, device=path[0][0].device).reshape(-1)
-    if (tau < 0).any() or (tau > 1).any():
-        raise ValueError(f"temperatures must lie in [0, 1], got {tau.tolist()}")
-    b = torch.stack([p[0] for p in path])  # (K, B), non-decreasing down the path
-    log_z = torch.stack([p[1] for p in path])  # (K, B)
-    ll = torch.stack([p[2] for p in path])  # (K, N, B)
-    N = ll.shape[1]
-    k = (b[None] <= tau[:, None, None]).sum(1) - 1  # (S, B): the last temperature at or below tau
-    bk = torch.gather(b, 0, k)
-    zk = torch.gather(log_z, 0, k)
-    llk = torch.gather(ll, 0, k[:, None, :].expand(-1, N, -1))  # (S, N, B)
+    bk, zk, llk, _ = path_at(path, tau)
+    tau = torch.as_tensor(tau, dtype=bk.dtype, device=bk.device).reshape(-1)
     step = (tau[:, None] - bk)[:, None, :]
     log_w = torch.where(step > 0, step * llk, torch.zeros_like(llk))
-    return zk + torch.logsumexp(log_w, 1) - math.log(N)
+    return zk + torch.logsumexp(log_w, 1) - math.log(llk.shape[1])

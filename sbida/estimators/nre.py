@@ -87,7 +87,7 @@ from ..data import WindowDataset
 from ..diagnostics.coverage import coverage_curve, default_levels
 from ..nn import GridFlow, WindowEncoder, periodic_conv
 from ..posterior import SamplerPosterior
-from ..samplers import smc, tempered_log_evidence
+from ..samplers import path_at, smc, tempered_log_evidence
 from .base import Batch, Estimator
 
 __all__ = ["NRE", "RatioNet"]
@@ -596,15 +596,9 @@ def _tempered_credibility(path: list[tuple[Tensor, ...]], s: Tensor, log_p_true:
     an SMC path (:attr:`sbida.samplers.SMCResult.path`): the weighted share of the particles of the last temperature
     ``b_k <= s``, reweighted by ``l^(s - b_k)``, whose density exceeds the truth's (``log p`` and ``log l`` of the
     truths ``(B,)``)."""
-    b = torch.stack([p[0] for p in path])  # (K, B)
-    ll = torch.stack([p[2] for p in path]).double()  # (K, N, B)
-    lp = torch.stack([p[3] for p in path]).double()
-    N = ll.shape[1]
-    k = (b[None] <= s[:, None, None]).sum(1) - 1  # (S, B)
-    pick = k[:, None, :].expand(-1, N, -1)
-    ll_k, lp_k = torch.gather(ll, 0, pick), torch.gather(lp, 0, pick)  # (S, N, B)
+    bk, _, ll_k, lp_k = (a.double() for a in path_at(path, s))  # (S, B), (S, N, B)
     s = s.double()[:, None, None]
-    step = s - torch.gather(b, 0, k).double()[:, None, :]
+    step = s - bk[:, None, :]
     w = torch.softmax(torch.where(step > 0, step * ll_k, torch.zeros_like(ll_k)), 1)
     above = (lp_k + s * ll_k) > (log_p_true + s[..., 0] * ll_true)[:, None, :]
     return (w * above).sum(1)
