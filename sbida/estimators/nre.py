@@ -87,7 +87,7 @@ from ..data import WindowDataset
 from ..diagnostics.coverage import coverage_curve, default_levels
 from ..nn import GridFlow, WindowEncoder, periodic_conv
 from ..posterior import SamplerPosterior
-from ..samplers import path_at, smc, tempered_log_evidence
+from ..samplers import SMCResult, path_at, smc, tempered_log_evidence
 from .base import Batch, Estimator
 
 __all__ = ["NRE", "RatioNet"]
@@ -449,12 +449,7 @@ class NRE(Estimator):
 
         def from_smc(j: slice, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
             """``n`` particles of windows ``j`` moved from ``g`` to ``g e^f`` by tempered SMC."""
-            ref_j, ctx_j = self.reference(hmap[j]), context[j]
-            with torch.no_grad():
-                xi = torch.randn(n, j.stop - j.start, D, generator=generator, device=loc.device, dtype=loc.dtype)
-                v0 = _reference_draws(ref_j, xi)
-            res = smc(lambda z: (ref_j.log_prob(z), tau * self.ratio(z, ctx_j)), v0, moves=moves,
-                      ess_fraction=float(self.hparams["smc_ess"]), generator=generator)
+            res = self._smc_from_reference(hmap[j], context[j], n, tau, moves, generator)
             return res.particles.detach(), res.acceptance
 
         def sample_fn(n: int, generator: torch.Generator | None) -> Tensor:
@@ -488,6 +483,32 @@ class NRE(Estimator):
         post.acceptance = None
         return post
 
+
+    def _smc_from_reference(self, hmap: Tensor, context: Tensor, n: int, scale: float, moves: int,
+                            generator: torch.Generator | None, record: bool = False,
+                            progress: bool = False) -> SMCResult:
+        """Tempered SMC of ``n`` particles per window from the reference ``g`` to ``g e^{scale f}``.
+
+        Args:
+            hmap: encoder features of the windows ``(B, ...)``.
+            context: the classifier's context of those windows (:meth:`RatioNet.context`).
+            n: particles per window.
+            scale: the ratio's temperature at the end of the path.
+            moves: MALA moves per temperature.
+            generator: random numbers of the initial draws and of SMC.
+            record: keep the path (:func:`sbida.samplers.smc`).
+            progress: show SMC's progress bar.
+
+        Returns:
+            The :class:`~sbida.samplers.SMCResult` (particles ``(n, B, D)`` in standardized units).
+        """
+        ref = self.reference(hmap)
+        with torch.no_grad():
+            xi = torch.randn(n, hmap.shape[0], math.prod(self.state_shape), generator=generator, device=hmap.device,
+                             dtype=hmap.dtype)
+            v0 = _reference_draws(ref, xi)
+        return smc(lambda z: (ref.log_prob(z), scale * self.ratio(z, context)), v0, moves=moves,
+                   ess_fraction=float(self.hparams["smc_ess"]), generator=generator, record=record, progress=progress)
 
     def fit_temperature(self, data: WindowDataset, windows: int = 128, particles: int = 128,
                         moves: int | None = None, max_temperature: float = 1.0,
@@ -550,13 +571,8 @@ class NRE(Estimator):
         scores = []
         for i in range(0, B, chunk):
             j = slice(i, min(B, i + chunk))
-            ref_j, ctx_j = self.reference(hmap[j]), context[j]
-            with torch.no_grad():
-                xi = torch.randn(particles, j.stop - j.start, D, generator=gen, device=zt.device, dtype=zt.dtype)
-                v0 = _reference_draws(ref_j, xi)
-            res = smc(lambda z, ref_j=ref_j, ctx_j=ctx_j: (ref_j.log_prob(z), top * self.ratio(z, ctx_j)), v0,
-                      moves=moves, ess_fraction=float(self.hparams["smc_ess"]), generator=gen, record=True,
-                      progress=progress)
+            res = self._smc_from_reference(hmap[j], context[j], particles, top, moves, gen, record=True,
+                                           progress=progress)
             scores.append(_temperature_scores(res.path, (full / top).to(zt.dtype), g_true[j], top * f_true[j],
                                               criterion))
         score = _temperature_score(torch.cat(scores, 1), criterion)
