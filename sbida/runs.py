@@ -296,9 +296,16 @@ class Run:
             if resume and history.get("time"):
                 seconds = max(seconds, history["time"][-1])  # the interrupted sittings' time too
             est.save(ckpt)
+            calibration = getattr(est, "temperature_record", None)
+            if calibration:
+                self.log(f"{label}: ratio temperature {calibration['temperature']:.3g} fitted on "
+                         f"{calibration['windows']} validation windows ({calibration['criterion']} "
+                         f"{min(calibration['score']):.4g}, at 1: {calibration['score_at_1']:.4g})")
             best = min(history["val_loss"]) if history["val_loss"] else None
             record[label] = {"kind": cls.__name__, "seconds": seconds, "epochs": len(history["epoch"]),
                              "best_val_loss": best, "history": history}
+            if calibration:
+                record[label]["calibration"] = calibration
             self.log(f"{label}: {len(history['epoch'])} epochs in {seconds:.1f} s, best validation loss {best}")
             record_path.write_text(json.dumps(record, indent=1))
         record_path.write_text(json.dumps(record, indent=1))

@@ -263,6 +263,28 @@ def test_save_load_gives_identical_samples(tiny, tmp_path):
     assert torch.equal(other.marginal_tril, est.marginal_tril)
 
 
+def test_temperature_fit_after_fit_sets_and_saves_the_temperature(tiny, tmp_path):
+    """``temperature_fit`` runs :meth:`NRE.fit_temperature` on the validation windows at the end of ``fit``: the same
+    temperature as a direct call with the same seed and settings, kept in the saved model; without validation windows
+    it warns and keeps the temperature."""
+    task, train, val, _ = tiny
+    options = {**SMALL, "smc_moves": 2, "temperature_windows": 6, "temperature_max": 2.0}
+    est = NRE(task, temperature_fit="coverage", **options)
+    est.fit(train, val, epochs=1, steps_per_epoch=2, batch_size=32, progress=False, seed=3)
+    record = est.temperature_record
+    assert record["criterion"] == "coverage" and record["windows"] == 6 and len(record["score"]) == 40
+    assert est.hparams["ratio_temperature"] == record["temperature"]
+    again = est.fit_temperature(val, windows=6, max_temperature=2.0, seed=3)
+    assert again["temperature"] == record["temperature"] and again["score"] == pytest.approx(record["score"])
+    assert load(est.save(tmp_path / "nre.pt")).hparams["ratio_temperature"] == record["temperature"]
+    plain = NRE(task, temperature_fit="coverage", **options)
+    with pytest.warns(UserWarning, match="no validation windows"):
+        plain.fit(train, None, epochs=1, steps_per_epoch=1, batch_size=32, progress=False)
+    assert plain.hparams["ratio_temperature"] == 1.0 and plain.temperature_record is None
+    with pytest.raises(ValueError, match="temperature_fit"):
+        NRE(task, temperature_fit="ece", **SMALL)
+
+
 def test_bad_input_is_a_clear_error(tiny, rejects_bad_windows):
     task, train, _, est = tiny
     x, y, m, t = train.get(torch.arange(4))

@@ -450,12 +450,13 @@ class Estimator(nn.Module):
             del model
             _dist.broadcast_module(self)  # the very same weights on every rank
         self.eval()
-        self.after_fit(train, val, seed)
+        self.after_fit(train, val, seed, progress=progress and rank == 0)
         return history
 
-    def after_fit(self, train: WindowDataset, val: WindowDataset | None, seed: int) -> None:
+    def after_fit(self, train: WindowDataset, val: WindowDataset | None, seed: int, progress: bool = False) -> None:
         """Called at the end of :meth:`fit`, with the best weights in place (e.g. CODA calibrates its Laplace
-        covariance there). Does nothing by default."""
+        covariance there, NRE its ratio's temperature). Does nothing by default. ``progress``: :meth:`fit`'s (on
+        rank 0 only)."""
 
     def _data_parallel(self) -> tuple[DistributedDataParallel, list[tuple[nn.Module, str, nn.Module]]]:
         """The estimator's loss wrapped in DistributedDataParallel (BatchNorm made SyncBatchNorm on GPU).

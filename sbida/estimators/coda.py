@@ -212,7 +212,7 @@ class CODA(Estimator):
                 self.parameter_history[name].append(float(getattr(self.dynamics, name).detach()))
         return loss
 
-    def after_fit(self, train: WindowDataset, val: WindowDataset | None, seed: int) -> None:
+    def after_fit(self, train: WindowDataset, val: WindowDataset | None, seed: int, progress: bool = False) -> None:
         """After :meth:`fit`: :meth:`calibrate_laplace` on ``val`` when the uncertainty is ``"laplace"``,
         ``calibration_lags > 0`` and ``val`` is given. Without ``val`` the factor stays 1: the training windows would
         understate it (the network fits their observations; on ``lorenz96-sparse`` they gave 1.4 where held-out

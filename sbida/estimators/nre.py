@@ -150,7 +150,7 @@ class RatioNet(nn.Module):
 
 class NRE(Estimator):
     """Neural ratio estimation with a window encoder, a convolutional classifier, a learned reference density and a
-    importance-resampling/MALA sampler.
+    tempered-SMC sampler from that reference.
 
     Hyperparameters (``NRE.defaults``): encoder ``channels``, ``depth``, ``kernel_size``, ``emb_features``,
     ``aggregate``; classifier ``ratio_channels``, ``ratio_depth``, ``ratio_kernel``; reference ``reference``
@@ -166,10 +166,12 @@ class NRE(Estimator):
     ``"laplace"``, ``"learned"`` or ``"auto"``: SMC with a flow reference, else Laplace for states of up to
     ``LAPLACE_MAX`` values and learned beyond; see the module docstring), ``smc_moves`` and ``smc_ess`` (SMC's MALA
     moves per temperature and the fraction of effective particles kept at each), ``ratio_temperature`` (``tau`` of
-    the posterior ``g e^{tau f}``, 1 by default; :meth:`fit_temperature` fits it), ``newton`` (Newton steps to the
-    mode), ``steps`` (MALA steps after resampling), ``inflate`` (proposal scale factor), ``sample_rows`` (chains x
-    windows run at once, bounds memory). The sampler's settings (``sampler_hparams``) can change between an
-    interrupted fit and its resumption.
+    the posterior ``g e^{tau f}``, 1 by default; :meth:`fit_temperature` fits it), ``temperature_fit`` (``None``,
+    ``"coverage"`` or ``"nll"``: the criterion of a :meth:`fit_temperature` on the validation windows at the end of
+    :meth:`fit`, over ``temperature_windows`` of them and temperatures up to ``temperature_max``), ``newton``
+    (Newton steps to the mode), ``steps`` (MALA steps after resampling), ``inflate`` (proposal scale factor),
+    ``sample_rows`` (chains x windows run at once, bounds memory). The sampler's settings (``sampler_hparams``) can
+    change between an interrupted fit and its resumption.
     """
 
     defaults: dict[str, Any] = {
@@ -179,11 +181,12 @@ class NRE(Estimator):
         "loss": "nre", "lmbda": 100.0, "contrast_weight": 1.0, "proposal_weight": 1.0,
         "marginal": "full", "marginal_steps": 2000, "shrinkage": 0.01, "proposal": "auto", "newton": 3, "steps": 10,
         "inflate": 1.1, "sample_rows": 65536, "smc_moves": 100, "smc_ess": 0.3,
-        "ratio_temperature": 1.0,
+        "ratio_temperature": 1.0, "temperature_fit": None, "temperature_windows": 128, "temperature_max": 1.0,
     }
     # the sampler's settings: changing them does not change the network or its training (an interrupted fit resumes)
     sampler_hparams = frozenset({"proposal", "newton", "steps", "inflate", "sample_rows", "smc_moves", "smc_ess",
-                                 "ratio_temperature"})
+                                 "ratio_temperature", "temperature_fit", "temperature_windows",
+                                 "temperature_max"})
 
     def build(self) -> None:
         h = self.hparams
@@ -200,6 +203,11 @@ class NRE(Estimator):
                              f"{h['inflate']}")
         if not float(h["ratio_temperature"]) > 0:
             raise ValueError(f"ratio_temperature must be > 0, got {h['ratio_temperature']}")
+        if h["temperature_fit"] not in (None, "coverage", "nll"):
+            raise ValueError(f"temperature_fit must be null, 'coverage' or 'nll', got {h['temperature_fit']!r}")
+        if int(h["temperature_windows"]) < 1 or not float(h["temperature_max"]) > 0:
+            raise ValueError(f"temperature_windows must be >= 1 and temperature_max > 0, got "
+                             f"{h['temperature_windows']} and {h['temperature_max']}")
         if int(h["smc_moves"]) < 1 or not 0 < float(h["smc_ess"]) < 1:
             raise ValueError(f"smc_moves must be >= 1 and 0 < smc_ess < 1, got {h['smc_moves']} and {h['smc_ess']}")
         self._proposal_kind(h["proposal"])
@@ -483,6 +491,23 @@ class NRE(Estimator):
         post.acceptance = None
         return post
 
+
+    def after_fit(self, train: WindowDataset, val: WindowDataset | None, seed: int, progress: bool = False) -> None:
+        """After :meth:`fit`: :meth:`fit_temperature` on ``val`` when ``temperature_fit`` names a criterion (nothing
+        without ``val``: the training windows' ratio is sharper than held-out windows'). The result is kept in
+        ``temperature_record`` and the temperature in ``hparams["ratio_temperature"]`` (saved with the model)."""
+        self.temperature_record = None
+        h = self.hparams
+        if h["temperature_fit"] is None:
+            return
+        if val is None or len(val) == 0:
+            warnings.warn("temperature_fit is set but fit() got no validation windows: the ratio's temperature stays "
+                          f"{h['ratio_temperature']}", stacklevel=3)
+            return
+        self.temperature_record = self.fit_temperature(val, windows=int(h["temperature_windows"]),
+                                                       max_temperature=float(h["temperature_max"]),
+                                                       criterion=h["temperature_fit"], seed=seed,
+                                                       progress=progress)
 
     def _smc_from_reference(self, hmap: Tensor, context: Tensor, n: int, scale: float, moves: int,
                             generator: torch.Generator | None, record: bool = False,
