@@ -16,7 +16,12 @@ Every row trains an estimator (hyperparameters from ``configs/estimators/<kind>.
   training set), the same steps for all, on the same test windows.
 
     python benchmarks/ablations.py [--quick | --smoke] [--estimators npe ...] [--only time mask window budget]
-                                   [--windows N] [--samples S]
+                                   [--windows N] [--samples S] [--out DIR]
+
+With ``--out DIR`` an interrupted run resumes where it stopped (the full budget takes hours per estimator): the
+simulated datasets are cached in ``DIR/data``, every finished row in ``DIR/rows.json`` (a later run with the same
+settings skips it), and every fit writes its training state after each epoch to ``DIR/checkpoints`` (resumed by the
+next run when its settings are the same, :func:`sbida.runs.resumable`; deleted once its row is recorded).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from torch import Tensor
 import sbida
 from sbida.data import WindowDataset
 from sbida.diagnostics import evaluate
-from sbida.runs import EstimatorSpec, RunConfig, _estimator_settings
+from sbida.runs import EstimatorSpec, RunConfig, _estimator_settings, record_fit_settings, resumable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import ESTIMATOR_SHORT  # noqa: E402  (the sampler settings of the short modes, as in run.py)
@@ -69,13 +74,15 @@ def without_mask(data: WindowDataset) -> WindowDataset:
 
 def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDataset, test: WindowDataset,
                     fit: dict, n_windows: int, n_samples: int, seed: int = 0, early: Tensor | None = None,
-                    hparams: dict | None = None) -> dict:
+                    hparams: dict | None = None, checkpoint: str | Path | None = None) -> dict:
     """Train one estimator on ``train`` and score it on ``n_windows`` random windows of ``test``.
 
     Args:
         early: indices of test windows to score it on as well (e.g. :func:`transient_windows`): keys ``*_early``.
         hparams: estimator settings over the configuration files', by estimator name (e.g. the short modes' cheaper
             samplers, ``run.ESTIMATOR_SHORT``).
+        checkpoint: the fit's training state, written after every epoch and resumed from when it holds an
+            interrupted fit of the same settings (``seconds`` then counts the earlier sittings too).
 
     Returns:
         ``{"rmse", "nrmse", "crps", "spread_skill", "ece", "train_windows", "test_windows", "seconds"}`` (and
@@ -88,9 +95,17 @@ def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDatas
                     seed=seed)
     cls, hp, fit_args = _estimator_settings(cfg, estimator)
     est = cls(task, **hp)
+    resume = False
+    if checkpoint is not None:
+        resume = bool(resumable(checkpoint, est, fit_args))
+        if not resume:
+            Path(checkpoint).unlink(missing_ok=True)
+        record_fit_settings(checkpoint, est, fit_args)
     t0 = time.perf_counter()
-    est.fit(train, val, progress=False, **fit_args)
+    history = est.fit(train, val, progress=False, checkpoint=checkpoint, resume=resume, **fit_args)
     seconds = time.perf_counter() - t0
+    if resume and history.get("time"):
+        seconds = max(seconds, history["time"][-1])  # the interrupted sittings' time too
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n_windows].sort().values
     r = evaluate(est, test, n_samples=n_samples, indices=idx, progress=False, seed=seed)
     res = {"rmse": r.rmse, "nrmse": r.nrmse, "crps": r.crps, "spread_skill": r.spread_skill, "ece": r.coverage.ece,
@@ -127,13 +142,19 @@ def _table(title: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _slug(*parts: str) -> str:
+    return "-".join("".join(c if c.isalnum() else "_" for c in p) for p in parts)
+
+
 def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int | None = None,
-        windows: int | None = None, samples: int | None = None) -> dict:
+        windows: int | None = None, samples: int | None = None, out_dir: str | Path | None = None) -> dict:
     """All the ablations of ``only`` for each estimator; returns ``{ablation: rows}`` and prints the tables.
 
     Args:
         windows, samples: test windows and samples per window, over the budget's (``None``: the budget's). Fewer
             make the slow samplers affordable (ComposedScore takes ~0.1 s per sample at K=40).
+        out_dir: a folder that makes the run resumable (datasets, finished rows and training states; see the
+            module docstring). A folder of a run with other settings (mode, seed, K, windows, samples) is refused.
     """
     b = BUDGETS[mode]
     n_traj, n_states = b["data"]
@@ -145,15 +166,53 @@ def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int
           "hparams": ESTIMATOR_SHORT.get(mode, {})}
     size = {} if K is None else {"K": K}
     out: dict[str, list[dict]] = {}
+    folder = None if out_dir is None else Path(out_dir)
+    settings = {"mode": mode, "seed": seed, "K": K, "windows": kw["n_windows"], "samples": kw["n_samples"]}
+    done: dict[str, dict] = {}
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / "rows.json").exists():
+            saved = json.loads((folder / "rows.json").read_text())
+            if saved["settings"] != settings:
+                raise ValueError(f"{folder} holds ablations run with {saved['settings']}, not {settings}: use another "
+                                 "folder")
+            done = saved["rows"]
+        else:  # the folder is bound to these settings from the start (its cached datasets depend on them)
+            (folder / "rows.json").write_text(json.dumps({"settings": settings, "rows": done}, indent=1))
+
+    def simulated(task, name: str, **kwargs) -> WindowDataset:
+        """The task's dataset, from the folder's cache when there is one."""
+        path = None if folder is None else folder / "data" / f"{name}.h5"
+        if path is not None and path.exists():
+            return WindowDataset.load(path)
+        data = task.simulate(progress=False, **kwargs)
+        if path is not None:
+            data.save(path)
+        return data
 
     def task_data(name: str, **over):
         task = sbida.tasks.get(name, **size, **over, n_trajectories=n_traj, n_states=n_states, seed=seed)
-        return task, task.simulate(progress=False).split(0.8, 0.1, 0.1, seed=seed)
+        data = simulated(task, _slug(name, *(f"{k}{v}" for k, v in over.items())))
+        return task, data.split(0.8, 0.1, 0.1, seed=seed)
 
-    def record(key: str, setting: str, est: str, res: dict) -> None:
+    def record(key: str, setting: str, est: str, task, splits: tuple, early: Tensor | None = None) -> None:
+        """The row of ``(key, setting, est)``: from the folder, or :func:`train_and_score` on ``splits`` (train,
+        validation, test), then saved."""
+        name = _slug(key, setting, est)
+        if name in done:
+            res = done[name]
+            print(f"  {key}: {setting} {est}: recorded in {folder / 'rows.json'}", flush=True)
+        else:
+            checkpoint = None if folder is None else folder / "checkpoints" / f"{name}.fit.pt"
+            res = train_and_score(task, est, *splits, fit, **kw, early=early, checkpoint=checkpoint)
+            if folder is not None:
+                done[name] = res
+                (folder / "rows.json").write_text(json.dumps({"settings": settings, "rows": done}, indent=1))
+                checkpoint.unlink(missing_ok=True)
+                checkpoint.with_suffix(".json").unlink(missing_ok=True)
+            print(f"  {key}: {setting} {est}: nRMSE {res['nrmse']:.3f} ECE {res['ece']:.3f} "
+                  f"({res['seconds']:.0f} s)", flush=True)
         out.setdefault(key, []).append({"setting": setting, "estimator": est, **res})
-        print(f"  {key}: {setting} {est}: nRMSE {res['nrmse']:.3f} ECE {res['ece']:.3f} ({res['seconds']:.0f} s)",
-              flush=True)
 
     # on/off ablations: (key, task, setting with, setting without, the transform of the data that removes it)
     for key, name, on, off, remove in (("time", "lorenz96", "t embedded", "t set to 0", without_time),
@@ -165,27 +224,26 @@ def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int
         # times, the same windows with and without t)
         early = transient_windows(te, TRANSIENT, kw["n_windows"], seed) if key == "time" else None
         for est in estimators:
-            record(key, on, est, train_and_score(task, est, tr, va, te, fit, **kw, early=early))
-            record(key, off, est, train_and_score(task, est, remove(tr), remove(va), remove(te), fit, **kw,
-                                                  early=early))
+            record(key, on, est, task, (tr, va, te), early)
+            record(key, off, est, task, (remove(tr), remove(va), remove(te)), early)
     if "window" in only:
         for length in (1, 5, 10, 25):
             task, (tr, va, te) = task_data("lorenz96", length=length)
             for est in estimators:
-                record("window", f"window {length}", est, train_and_score(task, est, tr, va, te, fit, **kw))
+                record("window", f"window {length}", est, task, (tr, va, te))
     if "budget" in only:
         budgets = b["budgets"]
         task = sbida.tasks.get("lorenz96", **size, n_states=n_states, seed=seed)
         per_traj = n_states - task.window.length + 1
         need = -(-max(budgets) // per_traj)
-        data = task.simulate(progress=False, n_trajectories=need + max(4, need // 8) * 2)
+        data = simulated(task, "budget", n_trajectories=need + max(4, need // 8) * 2)
         n = data.n_trajectories
         half = need + (n - need) // 2  # trajectories after the training pool: validation, then test
         va, te = data.subset(torch.arange(need, half)), data.subset(torch.arange(half, n))
         for budget in budgets:
             tr = data.subset(torch.arange(-(-budget // per_traj)))
             for est in estimators:
-                record("budget", f"{budget:g} windows", est, train_and_score(task, est, tr, va, te, fit, **kw))
+                record("budget", f"{budget:g} windows", est, task, (tr, va, te))
     for key, rows in out.items():
         print(_table({"time": "time embedding (lorenz96)", "mask": "mask channel (lorenz96-sparse)",
                       "window": "window length (lorenz96)", "budget": "simulation budget (lorenz96)"}[key], rows))
@@ -204,11 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=None, help="samples per test window (default the budget's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--out", default=None, help="folder that makes the run resumable (datasets, rows, fit states)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     t0 = time.perf_counter()
-    res = run(mode, a.estimators, a.only, a.seed, a.K, a.windows, a.samples)
+    res = run(mode, a.estimators, a.only, a.seed, a.K, a.windows, a.samples, a.out)
     print(f"{mode}: {time.perf_counter() - t0:.0f} s")
     if a.json:
         Path(a.json).write_text(json.dumps({"mode": mode, "estimators": a.estimators, "results": res}, indent=1))

@@ -32,7 +32,7 @@ import torch
 from .config import _coerce, load_yaml, parse_overrides, structured, to_yaml
 
 __all__ = ["RunConfig", "EstimatorSpec", "BaselineSpec", "EvaluationConfig", "Run", "load_config", "available",
-           "estimator_class"]
+           "estimator_class", "resumable", "record_fit_settings"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _FIT_RESERVED = {"self", "train", "val", "progress", "checkpoint", "resume", "callback"}
@@ -169,6 +169,35 @@ def load_config(config: str | Path, overrides: list[str] | tuple[str, ...] = ())
     return cfg
 
 
+def record_fit_settings(fit_state: str | Path, est, fit: dict) -> Path:
+    """Write the settings of a fit (the estimator's configuration and ``fit``'s arguments) beside its training state
+    ``fit_state`` (``X.fit.pt`` -> ``X.fit.json``), for :func:`resumable`."""
+    path = Path(fit_state).with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"estimator": est.config(), "fit": fit}, indent=1, default=str))
+    return path
+
+
+def resumable(fit_state: str | Path, est, fit: dict) -> bool | None:
+    """Whether ``fit_state`` is the training state of an interrupted fit of the same estimator and settings, as
+    recorded by :func:`record_fit_settings` when that fit started: ``True`` (resume it), ``False`` (the settings
+    changed: train from the start) or ``None`` (no state or no record). The sampler's settings (``sampler_hparams``
+    of the estimator's class) are left out: they do not change the training."""
+    fit_state = Path(fit_state)
+    settings = fit_state.with_suffix(".json")
+    if not (fit_state.exists() and settings.exists()):
+        return None
+    sampler = getattr(est, "sampler_hparams", frozenset())
+
+    def training(record: dict) -> dict:
+        hp = record.get("estimator", {}).get("hparams", {})
+        record.get("estimator", {})["hparams"] = {k: v for k, v in hp.items() if k not in sampler}
+        return record
+
+    now = training(json.loads(json.dumps({"estimator": est.config(), "fit": fit}, default=str)))
+    return training(json.loads(settings.read_text())) == now
+
+
 def _estimator_settings(cfg: RunConfig, label: str) -> tuple[type, dict[str, Any], dict[str, Any]]:
     """The class, hyperparameters and fit arguments of ``cfg.estimators[label]``: file defaults < run seed < run."""
     spec = cfg.estimators[label]
@@ -289,8 +318,7 @@ class Run:
             else:
                 fit_state.unlink(missing_ok=True)
             fit_state.parent.mkdir(parents=True, exist_ok=True)
-            self.path(f"checkpoints/{label}.fit.json").write_text(json.dumps(
-                {"estimator": est.config(), "fit": fit}, indent=1, default=str))
+            record_fit_settings(fit_state, est, fit)
             history = est.fit(train, val, progress=self.progress, checkpoint=fit_state, resume=resume, **fit)
             seconds = time.perf_counter() - t0
             if resume and history.get("time"):
@@ -312,24 +340,11 @@ class Run:
         return record
 
     def _resumable(self, fit_state: Path, est, fit: dict) -> bool:
-        """Whether ``fit_state`` is the training state of an interrupted fit of the same estimator and settings
-        (as recorded in the ``.fit.json`` beside it when that fit started). The sampler's settings
-        (``sampler_hparams`` of the estimator's class) are left out: they do not change the training."""
-        settings = fit_state.with_suffix(".json")
-        if not (fit_state.exists() and settings.exists()):
-            return False
-        sampler = getattr(est, "sampler_hparams", frozenset())
-
-        def training(record: dict) -> dict:
-            hp = record.get("estimator", {}).get("hparams", {})
-            record.get("estimator", {})["hparams"] = {k: v for k, v in hp.items() if k not in sampler}
-            return record
-
-        now = training(json.loads(json.dumps({"estimator": est.config(), "fit": fit}, default=str)))
-        if training(json.loads(settings.read_text())) != now:
+        """:func:`resumable`, logging a change of settings."""
+        same = resumable(fit_state, est, fit)
+        if same is False:
             self.log(f"{fit_state.name}: the estimator or its fit settings changed, training from the start")
-            return False
-        return True
+        return bool(same)
 
     def methods(self) -> tuple[dict[str, Any], dict[str, float]]:
         """The trained estimators and the fitted baselines, with their training (fitting) seconds."""

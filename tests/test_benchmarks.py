@@ -1,6 +1,7 @@
 """The benchmark suite: a tiny run of benchmarks/run.py, the MCMC reference against an exact posterior, the
 exponent fit of the scaling study and the ablation transforms."""
 
+import functools
 import json
 import math
 import sys
@@ -235,6 +236,39 @@ def test_ablations_run_scores_every_estimator_on_the_requested_test_windows(caps
     assert "simulation budget (lorenz96)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="samples must be a positive"):
         ablations.run("smoke", ["npe"], ["budget"], K=8, samples=0)
+
+
+def test_ablations_resume_from_their_folder(tmp_path, monkeypatch):
+    """With a folder, finished rows are not trained again, datasets are cached, a fit's training state is resumed
+    (here a finished one: the same weights, so the same scores), and a folder of other settings is refused."""
+    first = ablations.run("smoke", ["npe"], ["window"], K=8, windows=3, samples=8, out_dir=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [f"lorenz96-length{n}.h5" for n in (1, 10, 25, 5)]
+    assert not list((tmp_path / "checkpoints").iterdir())  # deleted once their rows are recorded
+    calls = []
+    monkeypatch.setattr(ablations, "train_and_score", lambda *a, **k: calls.append(1))
+    again = ablations.run("smoke", ["npe"], ["window"], K=8, windows=3, samples=8, out_dir=tmp_path)
+    assert again == first and not calls
+    with pytest.raises(ValueError, match="use another folder"):
+        ablations.run("smoke", ["npe"], ["window"], K=8, windows=4, samples=8, out_dir=tmp_path)
+    monkeypatch.undo()
+    task = sbida.tasks.get("lorenz96", K=8, n_trajectories=12, n_states=48)
+    tr, va, te = sbida.data.WindowDataset.load(tmp_path / "data" / "lorenz96-length10.h5").split(0.8, 0.1, 0.1)
+    fit = {**ablations.BUDGETS["smoke"]["fit"], "epochs": 2, "patience": 1000}
+    ck = tmp_path / "state.fit.pt"
+    a = ablations.train_and_score(task, "npe", tr, va, te, fit, 3, 8, checkpoint=ck)
+    resumed = []
+    real_fit = sbida.estimators.Estimator.fit
+
+    @functools.wraps(real_fit)
+    def spy(self, *args, **kwargs):
+        resumed.append(kwargs["resume"])
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(sbida.estimators.Estimator, "fit", spy)
+    b = ablations.train_and_score(task, "npe", tr, va, te, fit, 3, 8, checkpoint=ck)  # resumed after its 2 epochs
+    assert resumed == [True] and {k: a[k] for k in a if k != "seconds"} == {k: b[k] for k in b if k != "seconds"}
+    c = ablations.train_and_score(task, "npe", tr, va, te, {**fit, "lr": 1e-2}, 3, 8, checkpoint=ck)
+    assert resumed == [True, False] and c["nrmse"] != a["nrmse"]  # other settings: trained from the start
 
 
 def test_run_py_takes_task_overrides_before_or_after_the_options():
