@@ -74,7 +74,8 @@ def without_mask(data: WindowDataset) -> WindowDataset:
 
 def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDataset, test: WindowDataset,
                     fit: dict, n_windows: int, n_samples: int, seed: int = 0, early: Tensor | None = None,
-                    hparams: dict | None = None, checkpoint: str | Path | None = None) -> dict:
+                    hparams: dict | None = None, checkpoint: str | Path | None = None,
+                    progress: bool = False) -> dict:
     """Train one estimator on ``train`` and score it on ``n_windows`` random windows of ``test``.
 
     Args:
@@ -83,6 +84,7 @@ def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDatas
             samplers, ``run.ESTIMATOR_SHORT``).
         checkpoint: the fit's training state, written after every epoch and resumed from when it holds an
             interrupted fit of the same settings (``seconds`` then counts the earlier sittings too).
+        progress: progress bars of the fit and of the evaluation.
 
     Returns:
         ``{"rmse", "nrmse", "crps", "spread_skill", "ece", "train_windows", "test_windows", "seconds"}`` (and
@@ -102,16 +104,16 @@ def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDatas
             Path(checkpoint).unlink(missing_ok=True)
         record_fit_settings(checkpoint, est, fit_args)
     t0 = time.perf_counter()
-    history = est.fit(train, val, progress=False, checkpoint=checkpoint, resume=resume, **fit_args)
+    history = est.fit(train, val, progress=progress, checkpoint=checkpoint, resume=resume, **fit_args)
     seconds = time.perf_counter() - t0
     if resume and history.get("time"):
         seconds = max(seconds, history["time"][-1])  # the interrupted sittings' time too
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n_windows].sort().values
-    r = evaluate(est, test, n_samples=n_samples, indices=idx, progress=False, seed=seed)
+    r = evaluate(est, test, n_samples=n_samples, indices=idx, progress=progress, seed=seed)
     res = {"rmse": r.rmse, "nrmse": r.nrmse, "crps": r.crps, "spread_skill": r.spread_skill, "ece": r.coverage.ece,
            "train_windows": len(train), "test_windows": len(idx), "seconds": seconds}
     if early is not None:
-        e = evaluate(est, test, n_samples=n_samples, indices=early, progress=False, seed=seed)
+        e = evaluate(est, test, n_samples=n_samples, indices=early, progress=progress, seed=seed)
         res |= {"rmse_early": e.rmse, "nrmse_early": e.nrmse, "spread_skill_early": e.spread_skill,
                 "ece_early": e.coverage.ece, "early_windows": len(early)}
     return res
@@ -147,7 +149,8 @@ def _slug(*parts: str) -> str:
 
 
 def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int | None = None,
-        windows: int | None = None, samples: int | None = None, out_dir: str | Path | None = None) -> dict:
+        windows: int | None = None, samples: int | None = None, out_dir: str | Path | None = None,
+        progress: bool = False) -> dict:
     """All the ablations of ``only`` for each estimator; returns ``{ablation: rows}`` and prints the tables.
 
     Args:
@@ -155,6 +158,7 @@ def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int
             make the slow samplers affordable (ComposedScore takes ~0.1 s per sample at K=40).
         out_dir: a folder that makes the run resumable (datasets, finished rows and training states; see the
             module docstring). A folder of a run with other settings (mode, seed, K, windows, samples) is refused.
+        progress: progress bars of every fit and evaluation.
     """
     b = BUDGETS[mode]
     n_traj, n_states = b["data"]
@@ -163,7 +167,7 @@ def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int
         if value is not None and value < 1:
             raise ValueError(f"{name} must be a positive number, got {value}")
     kw = {"n_windows": windows or b["windows"], "n_samples": samples or b["samples"], "seed": seed,
-          "hparams": ESTIMATOR_SHORT.get(mode, {})}
+          "hparams": ESTIMATOR_SHORT.get(mode, {}), "progress": progress}
     size = {} if K is None else {"K": K}
     out: dict[str, list[dict]] = {}
     folder = None if out_dir is None else Path(out_dir)
@@ -263,11 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--out", default=None, help="folder that makes the run resumable (datasets, rows, fit states)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     t0 = time.perf_counter()
-    res = run(mode, a.estimators, a.only, a.seed, a.K, a.windows, a.samples, a.out)
+    res = run(mode, a.estimators, a.only, a.seed, a.K, a.windows, a.samples, a.out, progress=not a.quiet)
     print(f"{mode}: {time.perf_counter() - t0:.0f} s")
     if a.json:
         Path(a.json).write_text(json.dumps({"mode": mode, "estimators": a.estimators, "results": res}, indent=1))
