@@ -38,7 +38,7 @@ from torch import Tensor
 import sbida
 from sbida.data import WindowDataset
 from sbida.diagnostics import evaluate
-from sbida.runs import EstimatorSpec, RunConfig, _estimator_settings, record_fit_settings, resumable
+from sbida.runs import EstimatorSpec, RunConfig, _estimator_settings, fit_from_state, resumable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import ESTIMATOR_SHORT  # noqa: E402  (the sampler settings of the short modes, as in run.py)
@@ -97,17 +97,13 @@ def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDatas
                     seed=seed)
     cls, hp, fit_args = _estimator_settings(cfg, estimator)
     est = cls(task, **hp)
-    resume = False
     if checkpoint is not None:
-        resume = bool(resumable(checkpoint, est, fit_args))
-        if not resume:
-            Path(checkpoint).unlink(missing_ok=True)
-        record_fit_settings(checkpoint, est, fit_args)
-    t0 = time.perf_counter()
-    history = est.fit(train, val, progress=progress, checkpoint=checkpoint, resume=resume, **fit_args)
-    seconds = time.perf_counter() - t0
-    if resume and history.get("time"):
-        seconds = max(seconds, history["time"][-1])  # the interrupted sittings' time too
+        _, seconds = fit_from_state(est, train, val, fit_args, checkpoint, bool(resumable(checkpoint, est, fit_args)),
+                                    progress)
+    else:
+        t0 = time.perf_counter()
+        est.fit(train, val, progress=progress, **fit_args)
+        seconds = time.perf_counter() - t0
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n_windows].sort().values
     r = evaluate(est, test, n_samples=n_samples, indices=idx, progress=progress, seed=seed)
     res = {"rmse": r.rmse, "nrmse": r.nrmse, "crps": r.crps, "spread_skill": r.spread_skill, "ece": r.coverage.ece,

@@ -32,7 +32,7 @@ import torch
 from .config import _coerce, load_yaml, parse_overrides, structured, to_yaml
 
 __all__ = ["RunConfig", "EstimatorSpec", "BaselineSpec", "EvaluationConfig", "Run", "load_config", "available",
-           "estimator_class", "resumable", "record_fit_settings"]
+           "estimator_class", "resumable", "record_fit_settings", "fit_from_state"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _FIT_RESERVED = {"self", "train", "val", "progress", "checkpoint", "resume", "callback"}
@@ -198,6 +198,27 @@ def resumable(fit_state: str | Path, est, fit: dict) -> bool | None:
     return training(json.loads(settings.read_text())) == now
 
 
+def fit_from_state(est, train, val, fit: dict, fit_state: str | Path, resume: bool,
+                   progress: bool = False) -> tuple[dict, float]:
+    """``est.fit(train, val, **fit)`` writing its training state to ``fit_state`` after every epoch (and its
+    settings beside it, :func:`record_fit_settings`), continued from that state when ``resume`` (decide it with
+    :func:`resumable`; otherwise an old state is deleted first).
+
+    Returns:
+        ``(history, seconds)``: ``fit``'s history and the training seconds, the interrupted sittings' included.
+    """
+    fit_state = Path(fit_state)
+    if not resume:
+        fit_state.unlink(missing_ok=True)
+    record_fit_settings(fit_state, est, fit)
+    t0 = time.perf_counter()
+    history = est.fit(train, val, progress=progress, checkpoint=fit_state, resume=resume, **fit)
+    seconds = time.perf_counter() - t0
+    if resume and history.get("time"):
+        seconds = max(seconds, history["time"][-1])  # the interrupted sittings' time too
+    return history, seconds
+
+
 def _estimator_settings(cfg: RunConfig, label: str) -> tuple[type, dict[str, Any], dict[str, Any]]:
     """The class, hyperparameters and fit arguments of ``cfg.estimators[label]``: file defaults < run seed < run."""
     spec = cfg.estimators[label]
@@ -310,19 +331,11 @@ class Run:
             cls, hp, fit = _estimator_settings(self.config, label)
             est = cls(self.task, **hp)
             self.log(f"{label}: training {cls.__name__} on {len(train)} windows ({fit})")
-            t0 = time.perf_counter()
             fit_state = self.path(f"checkpoints/{label}.fit.pt")
             resume = not force and self._resumable(fit_state, est, fit)
             if resume:
                 self.log(f"{label}: resuming its interrupted training from {fit_state}")
-            else:
-                fit_state.unlink(missing_ok=True)
-            fit_state.parent.mkdir(parents=True, exist_ok=True)
-            record_fit_settings(fit_state, est, fit)
-            history = est.fit(train, val, progress=self.progress, checkpoint=fit_state, resume=resume, **fit)
-            seconds = time.perf_counter() - t0
-            if resume and history.get("time"):
-                seconds = max(seconds, history["time"][-1])  # the interrupted sittings' time too
+            history, seconds = fit_from_state(est, train, val, fit, fit_state, resume, self.progress)
             est.save(ckpt)
             calibration = getattr(est, "temperature_record", None)
             if calibration:
