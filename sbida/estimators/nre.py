@@ -529,7 +529,7 @@ class NRE(Estimator):
         """
         ref = self.reference(hmap)
         with torch.no_grad():
-            xi = torch.randn(n, hmap.shape[0], math.prod(self.state_shape), generator=generator, device=hmap.device,
+            xi = torch.randn(n, hmap.shape[0], self.event_size, generator=generator, device=hmap.device,
                              dtype=hmap.dtype)
             v0 = _reference_draws(ref, xi)
         return smc(lambda z: (ref.log_prob(z), scale * self.ratio(z, context)), v0, moves=moves,
