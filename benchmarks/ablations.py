@@ -16,7 +16,8 @@ Every row trains an estimator (hyperparameters from ``configs/estimators/<kind>.
   training set), the same steps for all, on the same test windows.
 
     python benchmarks/ablations.py [--quick | --smoke] [--estimators npe ...] [--only time mask window budget]
-                                   [--windows N] [--samples S] [--out DIR]
+                                   [--windows N] [--samples S] [--out DIR] [--lengths L ...]
+                                   [--budgets N ...]
 
 With ``--out DIR`` an interrupted run resumes where it stopped (the full budget takes hours per estimator): the
 simulated datasets are cached in ``DIR/data``, every finished row in ``DIR/rows.json`` (a later run with the same
@@ -54,6 +55,8 @@ BUDGETS = {  # data (trajectories x saved states), fit overrides, evaluation
               "windows": 12, "samples": 32, "budgets": [100, 200]},
 }
 
+
+LENGTHS = (1, 5, 10, 25)  # observation times per window in the window-length ablation
 
 # time units: from x0 ~ N(0, I), Lorenz-96 (K=40, F=8) reaches its climatology (mean 2.3, sd 3.6) by t = 2
 TRANSIENT = 2.0
@@ -146,7 +149,7 @@ def _slug(*parts: str) -> str:
 
 def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int | None = None,
         windows: int | None = None, samples: int | None = None, out_dir: str | Path | None = None,
-        progress: bool = False) -> dict:
+        progress: bool = False, lengths: list[int] | None = None, budgets: list[int] | None = None) -> dict:
     """All the ablations of ``only`` for each estimator; returns ``{ablation: rows}`` and prints the tables.
 
     Args:
@@ -155,8 +158,15 @@ def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int
         out_dir: a folder that makes the run resumable (datasets, finished rows and training states; see the
             module docstring). A folder of a run with other settings (mode, seed, K, windows, samples) is refused.
         progress: progress bars of every fit and evaluation.
+        lengths, budgets: the window lengths and the training windows of the window and budget ablations (``None``:
+            1, 5, 10, 25 and the budget's); a subset splits a long run over processes, each with its own ``out_dir``.
     """
     b = BUDGETS[mode]
+    lengths = list(LENGTHS if lengths is None else lengths)
+    budgets = list(b["budgets"] if budgets is None else budgets)
+    for name, values in (("lengths", lengths), ("budgets", budgets)):
+        if not values or min(values) < 1:
+            raise ValueError(f"{name} must be positive numbers, got {values}")
     n_traj, n_states = b["data"]
     fit = {**b["fit"], "patience": 1000, "seed": seed}
     for name, value in (("windows", windows), ("samples", samples)):
@@ -227,15 +237,15 @@ def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int
             record(key, on, est, task, (tr, va, te), early)
             record(key, off, est, task, (remove(tr), remove(va), remove(te)), early)
     if "window" in only:
-        for length in (1, 5, 10, 25):
+        for length in lengths:
             task, (tr, va, te) = task_data("lorenz96", length=length)
             for est in estimators:
                 record("window", f"window {length}", est, task, (tr, va, te))
     if "budget" in only:
-        budgets = b["budgets"]
         task = sbida.tasks.get("lorenz96", **size, n_states=n_states, seed=seed)
         per_traj = n_states - task.window.length + 1
-        need = -(-max(budgets) // per_traj)
+        # sized for the largest of the budget's and the requested budgets, so a subset has the same test windows
+        need = -(-max(*b["budgets"], *budgets) // per_traj)
         data = simulated(task, "budget", n_trajectories=need + max(4, need // 8) * 2)
         n = data.n_trajectories
         half = need + (n - need) // 2  # trajectories after the training pool: validation, then test
@@ -264,11 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--out", default=None, help="folder that makes the run resumable (datasets, rows, fit states)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--lengths", type=int, nargs="+", default=None, help="window lengths (default 1 5 10 25)")
+    p.add_argument("--budgets", type=int, nargs="+", default=None, help="training windows of the budget ablation")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     t0 = time.perf_counter()
-    res = run(mode, a.estimators, a.only, a.seed, a.K, a.windows, a.samples, a.out, progress=not a.quiet)
+    res = run(mode, a.estimators, a.only, a.seed, a.K, a.windows, a.samples, a.out, progress=not a.quiet,
+              lengths=a.lengths, budgets=a.budgets)
     print(f"{mode}: {time.perf_counter() - t0:.0f} s")
     if a.json:
         Path(a.json).write_text(json.dumps({"mode": mode, "estimators": a.estimators, "results": res}, indent=1))

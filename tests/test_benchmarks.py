@@ -238,6 +238,21 @@ def test_ablations_run_scores_every_estimator_on_the_requested_test_windows(caps
         ablations.run("smoke", ["npe"], ["budget"], K=8, samples=0)
 
 
+def test_ablations_subsets_of_lengths_and_budgets_score_the_same_rows(capsys):
+    """A subset of the budgets (one process's share of a long run) trains on the same windows and scores on the same
+    test windows as the whole run: its row is the whole run's row, to the last digit."""
+    whole = ablations.run("smoke", ["npe"], ["budget"], K=8, windows=3, samples=8)["budget"]
+    part = ablations.run("smoke", ["npe"], ["window", "budget"], K=8, windows=3, samples=8, lengths=[3],
+                         budgets=[ablations.BUDGETS["smoke"]["budgets"][0]])
+    assert [r["setting"] for r in part["window"]] == ["window 3"]
+    assert len(part["budget"]) == 1
+    assert {k: v for k, v in part["budget"][0].items() if k != "seconds"} == \
+        {k: v for k, v in whole[0].items() if k != "seconds"}
+    for bad in ({"lengths": []}, {"budgets": [0]}):
+        with pytest.raises(ValueError, match="must be positive"):
+            ablations.run("smoke", ["npe"], ["window"], K=8, **bad)
+
+
 def test_ablations_resume_from_their_folder(tmp_path, monkeypatch):
     """With a folder, finished rows are not trained again, datasets are cached, a fit's training state is resumed
     (here a finished one: the same weights, so the same scores), and a folder of other settings is refused."""
