@@ -17,7 +17,7 @@ Every row trains an estimator (hyperparameters from ``configs/estimators/<kind>.
 
     python benchmarks/ablations.py [--quick | --smoke] [--estimators npe ...] [--only time mask window budget]
                                    [--windows N] [--samples S] [--out DIR] [--lengths L ...]
-                                   [--budgets N ...]
+                                   [--budgets N ...] [--variants with without]
 
 With ``--out DIR`` an interrupted run resumes where it stopped (the full budget takes hours per estimator): the
 simulated datasets are cached in ``DIR/data``, every finished row in ``DIR/rows.json`` (a later run with the same
@@ -149,7 +149,8 @@ def _slug(*parts: str) -> str:
 
 def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int | None = None,
         windows: int | None = None, samples: int | None = None, out_dir: str | Path | None = None,
-        progress: bool = False, lengths: list[int] | None = None, budgets: list[int] | None = None) -> dict:
+        progress: bool = False, lengths: list[int] | None = None, budgets: list[int] | None = None,
+        variants: tuple[str, ...] = ("with", "without")) -> dict:
     """All the ablations of ``only`` for each estimator; returns ``{ablation: rows}`` and prints the tables.
 
     Args:
@@ -160,6 +161,7 @@ def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int
         progress: progress bars of every fit and evaluation.
         lengths, budgets: the window lengths and the training windows of the window and budget ablations (``None``:
             1, 5, 10, 25 and the budget's); a subset splits a long run over processes, each with its own ``out_dir``.
+        variants: the rows of the on/off ablations (time embedding, mask channel) to run: ``"with"``, ``"without"``.
     """
     b = BUDGETS[mode]
     lengths = list(LENGTHS if lengths is None else lengths)
@@ -167,6 +169,8 @@ def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int
     for name, values in (("lengths", lengths), ("budgets", budgets)):
         if not values or min(values) < 1:
             raise ValueError(f"{name} must be positive numbers, got {values}")
+    if not variants or set(variants) - {"with", "without"}:
+        raise ValueError(f"variants must be 'with' and/or 'without', got {list(variants)}")
     n_traj, n_states = b["data"]
     fit = {**b["fit"], "patience": 1000, "seed": seed}
     for name, value in (("windows", windows), ("samples", samples)):
@@ -234,8 +238,10 @@ def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int
         # times, the same windows with and without t)
         early = transient_windows(te, TRANSIENT, kw["n_windows"], seed) if key == "time" else None
         for est in estimators:
-            record(key, on, est, task, (tr, va, te), early)
-            record(key, off, est, task, (remove(tr), remove(va), remove(te)), early)
+            if "with" in variants:
+                record(key, on, est, task, (tr, va, te), early)
+            if "without" in variants:
+                record(key, off, est, task, (remove(tr), remove(va), remove(te)), early)
     if "window" in only:
         for length in lengths:
             task, (tr, va, te) = task_data("lorenz96", length=length)
@@ -276,12 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--lengths", type=int, nargs="+", default=None, help="window lengths (default 1 5 10 25)")
     p.add_argument("--budgets", type=int, nargs="+", default=None, help="training windows of the budget ablation")
+    p.add_argument("--variants", nargs="+", choices=["with", "without"], default=["with", "without"],
+                   help="rows of the time and mask ablations")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     t0 = time.perf_counter()
     res = run(mode, a.estimators, a.only, a.seed, a.K, a.windows, a.samples, a.out, progress=not a.quiet,
-              lengths=a.lengths, budgets=a.budgets)
+              lengths=a.lengths, budgets=a.budgets, variants=tuple(a.variants))
     print(f"{mode}: {time.perf_counter() - t0:.0f} s")
     if a.json:
         Path(a.json).write_text(json.dumps({"mode": mode, "estimators": a.estimators, "results": res}, indent=1))

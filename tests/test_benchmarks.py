@@ -251,6 +251,10 @@ def test_ablations_subsets_of_lengths_and_budgets_score_the_same_rows(capsys):
     for bad in ({"lengths": []}, {"budgets": [0]}):
         with pytest.raises(ValueError, match="must be positive"):
             ablations.run("smoke", ["npe"], ["window"], K=8, **bad)
+    assert [r["setting"] for r in ablations.run("smoke", ["npe"], ["time"], K=8, windows=3, samples=8,
+                                                  variants=("without",))["time"]] == ["t set to 0"]
+    with pytest.raises(ValueError, match="variants"):
+        ablations.run("smoke", ["npe"], ["time"], K=8, variants=("off",))
 
 
 def test_ablations_resume_from_their_folder(tmp_path, monkeypatch):
