@@ -226,13 +226,16 @@ class DistributionPosterior(Posterior):
 
     Samples are reshaped to ``state_shape``. A ``generator`` seeds the global generator inside a
     :func:`torch.random.fork_rng` block (distributions draw from the global generator), so sampling with the same
-    generator state gives the same samples without touching the caller's random state.
+    generator state gives the same samples without touching the caller's random state. ``dtype``: the floating
+    type the distribution computes in (states given to :meth:`log_prob` are cast to it; ``None`` leaves them as they
+    are).
     """
 
     has_log_prob = True
 
-    def __init__(self, dist: Distribution, state_shape: tuple[int, ...], sample_batch: int | None = None):
-        self.dist, self.state_shape = dist, tuple(state_shape)
+    def __init__(self, dist: Distribution, state_shape: tuple[int, ...], sample_batch: int | None = None,
+                 dtype: torch.dtype | None = None):
+        self.dist, self.state_shape, self.dtype = dist, tuple(state_shape), dtype
         if len(dist.batch_shape) != 1 or tuple(dist.event_shape) != (math.prod(self.state_shape),):
             raise ValueError(
                 f"expected a distribution with batch shape (B,) and event shape ({math.prod(self.state_shape)},), "
@@ -259,6 +262,8 @@ class DistributionPosterior(Posterior):
 
     def log_prob(self, x: Tensor) -> Tensor:
         x = self._check_x(x)
+        if self.dtype is not None:
+            x = x.to(self.dtype)
         lead = x.shape[:-2]
         if self.sample_batch is None or x.dim() < 3 or math.prod(lead) <= self.sample_batch:
             return self.dist.log_prob(x)

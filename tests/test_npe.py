@@ -108,6 +108,85 @@ def test_npe_log_score_is_close_to_the_exact_posterior(lg):
     assert -3 * se < gap < 0.15 * 32, (gap, se)
 
 
+class _Widened(sbida.data.WindowDataset):
+    """The windows of a linear-Gaussian dataset with every true state moved to ``mean + a (x - mean)`` about its
+    exact posterior mean: truths of ``N(mean, a^2 cov)``, for which the calibrated spread is ``a`` times the exact
+    posterior's."""
+
+    def __init__(self, data, task, a):
+        super().__init__(data.states, data.y, data.mask, data.times, window=data.window, stride=data.stride,
+                         trajectory_ids=data.trajectory_ids, config=data.config, meta=data.meta)
+        self.task, self.a = task, a
+
+    def get(self, index):
+        x, y, m, t = super().get(index)
+        mean, _ = self.task.simulator.exact_posterior(y, m, t, self.task.observation, self.window.offsets(),
+                                                      every=self.meta["every"])
+        return mean + self.a * (x - mean), y, m, t
+
+
+@pytest.mark.slow
+def test_fit_inflation_recovers_a_known_spread_error(lg):
+    """Truths spread 1.3 times wider than the exact posterior: both criteria find an inflation near 1.3 (the
+    trained flow fits the exact posterior to a few percent), at which the coverage of those windows is calibrated."""
+    task, _, val, _, est, _ = lg
+    wide = _Widened(val, task, 1.3)
+    try:
+        cov = est.fit_inflation(wide, windows=512, samples=256, seed=0)
+        nll = est.fit_inflation(wide, windows=512, criterion="nll", seed=0)
+        assert 1.2 < cov["inflation"] < 1.4 and 1.2 < nll["inflation"] < 1.4, (cov["inflation"], nll["inflation"])
+        assert est.hparams["inflation"] == nll["inflation"]
+        assert cov["score_at_1"] > 0.25 and min(cov["score"]) < 0.05, (cov["score_at_1"], min(cov["score"]))
+        assert nll["score_at_1"] > min(nll["score"]) + 1.0  # nats per window
+        # the fit's score at a factor is the coverage of the posterior built with that factor
+        est.hparams["inflation"] = cov["inflation"]
+        x, y, m, t = wide.get(torch.arange(0, len(wide), 4))
+        res = sbida.diagnostics.expected_coverage(est.posterior(y, m, t), x.float(), n_samples=256,
+                                                  generator=torch.Generator().manual_seed(1))
+        assert res.ece < 0.06, (res.ece, res.coverage.tolist())
+    finally:
+        est.hparams["inflation"] = 1.0
+
+
+def test_inflation_widens_the_posterior_exactly(tiny, tmp_path):
+    """A factor s maps the draws of the same random numbers affinely (s times the spread about a centre per window)
+    and takes D log s off their log-density; ``inflation_fit`` sets it after ``fit`` and it is saved."""
+    task, train, val = tiny
+    est = NPE(task, **SMALL)
+    est.fit(train, epochs=1, steps_per_epoch=2, progress=False)
+    x, y, m, t = train.get(torch.arange(6))
+    a = est.posterior(y, m, t)
+    xa = a.sample(64, generator=torch.Generator().manual_seed(2))
+    est.hparams["inflation"] = 1.5
+    b = est.posterior(y, m, t)
+    xb = b.sample(64, generator=torch.Generator().manual_seed(2))
+    shift = xb - 1.5 * xa  # the same (1 - s) c for every draw of a window
+    assert torch.allclose(shift, shift[:1].expand_as(shift), atol=1e-4)
+    assert torch.allclose(b.log_prob(xb), a.log_prob(xa) - 8 * math.log(1.5), atol=1e-3)
+    assert torch.allclose(b.std(), 1.5 * a.std(), rtol=1e-4)
+    assert b.log_prob(x.double()).dtype == b.log_prob(x).dtype  # truths in float64 are cast to the model's type
+
+    fitted = NPE(task, **SMALL, inflation_fit="nll", inflation_windows=16)
+    fitted.fit(train, val, epochs=1, steps_per_epoch=2, progress=False)
+    record = fitted.inflation_record
+    assert record["windows"] == 16 and record["criterion"] == "nll"
+    assert fitted.hparams["inflation"] == record["inflation"] == record["grid"][min(
+        range(len(record["score"])), key=record["score"].__getitem__)]
+    assert load(fitted.save(tmp_path / "npe.pt")).hparams["inflation"] == record["inflation"]
+    with pytest.warns(UserWarning, match="no validation windows"):
+        NPE(task, **SMALL, inflation_fit="coverage").fit(train, epochs=1, steps_per_epoch=1, progress=False)
+    for bad in ({"inflation": 0.0}, {"inflation": float("nan")}, {"inflation_fit": "ece"},
+                {"inflation_samples": 1}):
+        with pytest.raises(ValueError, match="inflation"):
+            NPE(task, **SMALL, **bad)
+    with pytest.raises(ValueError, match="criterion"):
+        est.fit_inflation(val, criterion="ece")
+    with pytest.raises(ValueError, match="grid"):
+        est.fit_inflation(val, grid=[0.5, -1.0])
+    with pytest.warns(UserWarning, match="edge of the grid"):
+        est.fit_inflation(val, windows=8, samples=16, grid=[0.01, 0.02])
+
+
 def test_log_prob_accounts_for_the_standardization(tiny):
     """Change of variables: scaling the state standardization by a scales samples by a, densities by a^-D."""
     task, train, _ = tiny
