@@ -148,13 +148,20 @@ def test_fit_inflation_recovers_a_known_spread_error(lg):
         est.hparams["inflation"] = 1.0
 
 
-def test_inflation_widens_the_posterior_exactly(tiny, tmp_path):
+@pytest.fixture
+def briefly_trained(tiny):
+    """A small NPE after 2 training steps (each test may change it) and 6 training windows ``(x, y, m, t)``."""
+    task, train, _ = tiny
+    est = NPE(task, **SMALL)
+    est.fit(train, epochs=1, steps_per_epoch=2, progress=False)
+    return est, train.get(torch.arange(6))
+
+
+def test_inflation_widens_the_posterior_exactly(tiny, briefly_trained, tmp_path):
     """A factor s maps the draws of the same random numbers affinely (s times the spread about a centre per window)
     and takes D log s off their log-density; ``inflation_fit`` sets it after ``fit`` and it is saved."""
     task, train, val = tiny
-    est = NPE(task, **SMALL)
-    est.fit(train, epochs=1, steps_per_epoch=2, progress=False)
-    x, y, m, t = train.get(torch.arange(6))
+    est, (x, y, m, t) = briefly_trained
     a = est.posterior(y, m, t)
     xa = a.sample(64, generator=torch.Generator().manual_seed(2))
     est.hparams["inflation"] = 1.5
@@ -187,12 +194,9 @@ def test_inflation_widens_the_posterior_exactly(tiny, tmp_path):
         est.fit_inflation(val, windows=8, samples=16, grid=[0.01, 0.02])
 
 
-def test_log_prob_accounts_for_the_standardization(tiny):
+def test_log_prob_accounts_for_the_standardization(briefly_trained):
     """Change of variables: scaling the state standardization by a scales samples by a, densities by a^-D."""
-    task, train, _ = tiny
-    est = NPE(task, **SMALL)
-    est.fit(train, epochs=1, steps_per_epoch=2, progress=False)
-    x, y, m, t = train.get(torch.arange(6))
+    est, (x, y, m, t) = briefly_trained
     post = est.posterior(y, m, t)
     s = post.sample(50, generator=torch.Generator().manual_seed(1))
     lp = post.log_prob(s)

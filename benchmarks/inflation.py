@@ -1,0 +1,115 @@
+"""NPE's spread inflation on Lorenz-96: test calibration at inflation 1 and at the factors fitted on validation windows.
+
+Trains the default NPE on the ``lorenz96`` task (K=40 unless ``--K``) for ``--minutes`` minutes of wall clock (or
+loads ``--checkpoint``), fits the inflation on validation windows with both criteria of :meth:`NPE.fit_inflation`
+(``coverage``: the joint highest-density ECE; ``nll``: the likelihood of the true states), then evaluates the test
+windows (``--windows`` x ``--samples``) at factor 1, at each fitted factor and at the ``--factors`` given. Each row
+prints RMSE, nRMSE, CRPS, spread/skill, the joint ECE (highest density) and its largest gap, the marginal ECE and the
+joint coverage at the levels 0.05, 0.25, 0.45, 0.65, 0.85 and 0.95: a curve flatter than the diagonal (over at low
+levels, under at high ones) is a spread that is wrong in different directions in different windows, which no single
+factor corrects.
+
+    python benchmarks/inflation.py [--minutes 10] [--data runs/l96.h5] [--checkpoint PATH] [--save PATH]
+                                   [--windows 1000] [--samples 500] [--factors 1.05 1.1] [--quick] [--json PATH]
+
+``--data``: the task's simulated windows are read from that HDF5 file when it exists and written there otherwise (the
+split is by trajectory, seed 0, 80/10/10 %, as in ``ablations.py``). ``--quick``: 16 trajectories, 1 minute of
+training, 200 test windows x 100 samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import sbida
+from sbida.data import WindowDataset
+from sbida.diagnostics import evaluate
+from sbida.estimators import NPE, load
+
+LEVELS = (0, 4, 8, 12, 16, 18)  # indices of 0.05, 0.25, 0.45, 0.65, 0.85, 0.95 among the default levels
+
+
+def dataset(task, path: str | None, trajectories: int | None) -> WindowDataset:
+    """The task's windows, from ``path`` when it exists (else simulated and saved there)."""
+    if path is not None and Path(path).exists():
+        return WindowDataset.load(path)
+    kw = {} if trajectories is None else {"n_trajectories": trajectories}
+    data = task.simulate(progress=True, **kw)
+    if path is not None:
+        data.save(path)
+    return data
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--K", type=int, default=40)
+    p.add_argument("--minutes", type=float, default=10.0, help="training time (wall clock)")
+    p.add_argument("--data", type=str, default=None, help="HDF5 cache of the simulated windows")
+    p.add_argument("--trajectories", type=int, default=None, help="simulated trajectories (default: the task's)")
+    p.add_argument("--checkpoint", type=str, default=None, help="a trained NPE to evaluate instead of training one")
+    p.add_argument("--save", type=str, default=None, help="save the trained NPE there")
+    p.add_argument("--windows", type=int, default=1000, help="test windows")
+    p.add_argument("--samples", type=int, default=500, help="posterior samples per test window")
+    p.add_argument("--fit-windows", type=int, default=1024, help="validation windows of the fits")
+    p.add_argument("--factors", type=float, nargs="*", default=[], help="more factors to evaluate")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=str, default=None)
+    a = p.parse_args()
+    if a.quick:
+        a.trajectories, a.minutes, a.windows, a.samples, a.fit_windows = 16, 1.0, 200, 100, 256
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    task = sbida.tasks.get("lorenz96", K=a.K, seed=0)
+    train, val, test = dataset(task, a.data, a.trajectories).split(0.8, 0.1, 0.1, seed=0)
+    print(f"lorenz96 K={a.K}: {len(train)} training, {len(val)} validation, {len(test)} test windows", flush=True)
+    if a.checkpoint:
+        est = load(a.checkpoint)
+        train_s = float("nan")
+    else:
+        est = NPE(task)
+        fit = sbida.config.load_yaml(sbida.tasks.CONFIG_DIR / "estimators" / "npe.yaml")["fit"]
+        fit.update(max_time=60 * a.minutes, seed=0)
+        t0 = time.perf_counter()
+        est.fit(train, val, **fit, progress=True)
+        train_s = time.perf_counter() - t0
+        if a.save:
+            est.save(a.save)
+    fits = {}
+    for criterion in ("coverage", "nll"):
+        t0 = time.perf_counter()
+        r = est.fit_inflation(val, windows=a.fit_windows, criterion=criterion, seed=0)
+        fits[criterion] = r
+        print(f"fit by {criterion}: inflation {r['inflation']:.4f}, validation score {min(r['score']):.4g} "
+              f"(at 1: {r['score_at_1']:.4g}), {time.perf_counter() - t0:.1f} s", flush=True)
+    rows = [("1", 1.0), ("coverage fit", fits["coverage"]["inflation"]), ("nll fit", fits["nll"]["inflation"])]
+    rows += [("given", float(f)) for f in a.factors]
+    idx = torch.arange(min(a.windows, len(test)))
+    levels = " ".join(f"{0.05 + 0.05 * i:.2f}" for i in LEVELS)
+    print(f"\ntest: {len(idx)} windows x {a.samples} samples; train {train_s:.0f} s")
+    print(f"{'inflation':<22}{'RMSE':>7}{'nRMSE':>8}{'CRPS':>7}{'spr/skl':>9}{'ECE':>7}{'maxgap':>8}{'marg':>7}"
+          f"   joint coverage at {levels}")
+    out = []
+    for name, s in rows:
+        est.hparams["inflation"] = s
+        res = evaluate(est, test, n_samples=a.samples, indices=idx, progress=False, seed=0)
+        cov = res.coverage
+        curve = [float(cov.coverage[i]) for i in LEVELS]
+        print(f"{name + f' {s:.4f}':<22}{res.rmse:>7.3f}{res.nrmse:>8.4f}{res.crps:>7.3f}{res.spread_skill:>9.3f}"
+              f"{cov.ece:>7.4f}{cov.max_gap:>8.3f}{cov.marginal_ece:>7.4f}   "
+              + " ".join(f"{c:.2f}" for c in curve), flush=True)
+        out.append({"row": name, "inflation": s, "rmse": res.rmse, "nrmse": res.nrmse, "crps": res.crps,
+                    "spread_skill": res.spread_skill, "ece": cov.ece, "max_gap": cov.max_gap,
+                    "marginal_ece": cov.marginal_ece, "coverage": cov.coverage.tolist()})
+    if a.json:
+        Path(a.json).write_text(json.dumps({"K": a.K, "train_seconds": train_s, "windows": len(idx),
+                                            "samples": a.samples, "fits": fits, "rows": out}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
