@@ -17,8 +17,9 @@ flows conditioned on the vector ``c``. The density is exact:
           - \sum_i \log \sigma_{x,i},
 
 and training minimises ``-E[log q(x | y, t)]`` over simulated windows (Papamakarios & Murray, 2016; Greenberg et
-al., 2019). Flows: ``"realnvp"`` (affine coupling, one network pass each way: the default, fastest to sample),
-``"maf"`` (affine autoregressive with ``passes`` passes), ``"nsf"`` (spline, ``passes`` passes).
+al., 2019). Flows: ``"grid"`` (the default, above), and zuko's MLP flows on the context vector: ``"realnvp"``
+(affine coupling, one network pass each way), ``"maf"`` (affine autoregressive with ``passes`` passes), ``"nsf"``
+(spline, ``passes`` passes).
 
 Inflation. A flow trained by maximum likelihood can come out slightly too narrow on held-out windows, and a joint
 coverage target in many dimensions is strict: at ``D = 40`` a uniform 2.5 % deficit of the spread gives a joint
@@ -31,7 +32,10 @@ of the base distribution's centre,
 an affine map of the flow's output, so the density stays exact
 (:math:`\log q_s = \log p_{f_c}(u) - D \log s - \ldots`). :meth:`NPE.fit_inflation` chooses ``s`` on held-out windows
 (by the coverage of their true states, or by their likelihood), like the multiplicative inflation of ensemble
-filters; ``inflation_fit`` does it at the end of :meth:`~sbida.estimators.base.Estimator.fit`.
+filters; ``inflation_fit`` does it at the end of :meth:`~sbida.estimators.base.Estimator.fit`. It corrects a spread
+error common to all windows (``s_h`` is the head's scale ``s(h)`` above). On ``lorenz96`` K=40 NPE's error varies
+between windows (too wide in some, too narrow in others: a coverage curve flatter than the diagonal) and no common
+factor lowers its joint ECE (``benchmarks/RESULTS.md``), so it is off by default.
 """
 
 from __future__ import annotations
