@@ -7,7 +7,8 @@ windows (``--windows`` x ``--samples``) at factor 1, at each fitted factor and a
 prints RMSE, nRMSE, CRPS, spread/skill, the joint ECE (highest density) and its largest gap, the marginal ECE and the
 joint coverage at the levels 0.05, 0.25, 0.45, 0.65, 0.85 and 0.95: a curve flatter than the diagonal (over at low
 levels, under at high ones) is a spread that is wrong in different directions in different windows, which no single
-factor corrects.
+factor corrects. Last, the spread/skill ratio per wavenumber of the state at factor 1
+(:func:`sbida.diagnostics.spread_skill_spectrum`) shows at which scales the spread is wrong.
 
     python benchmarks/inflation.py [--minutes 10] [--data runs/l96.h5] [--checkpoint PATH] [--save PATH]
                                    [--windows 1000] [--samples 500] [--factors 1.05 1.1] [--quick] [--json PATH]
@@ -28,7 +29,7 @@ import torch
 
 import sbida
 from sbida.data import WindowDataset
-from sbida.diagnostics import evaluate
+from sbida.diagnostics import evaluate, spread_skill_spectrum
 from sbida.estimators import NPE, load
 
 LEVELS = (0, 4, 8, 12, 16, 18)  # indices of 0.05, 0.25, 0.45, 0.65, 0.85, 0.95 among the default levels
@@ -106,9 +107,17 @@ def main() -> None:
         out.append({"row": name, "inflation": s, "rmse": res.rmse, "nrmse": res.nrmse, "crps": res.crps,
                     "spread_skill": res.spread_skill, "ece": cov.ece, "max_gap": cov.max_gap,
                     "marginal_ece": cov.marginal_ece, "coverage": cov.coverage.tolist()})
+    est.hparams["inflation"] = 1.0
+    x, y, m, t = test.get(idx)
+    with torch.no_grad():
+        draws = est.posterior(y, m, t).sample(a.samples, generator=torch.Generator().manual_seed(0))
+    k, ratio = spread_skill_spectrum(draws, x)
+    print("\nspread/skill per wavenumber at inflation 1: "
+          + " ".join(f"{int(w)}:{r:.2f}" for w, r in zip(k.tolist(), ratio.tolist())))
     if a.json:
         Path(a.json).write_text(json.dumps({"K": a.K, "train_seconds": train_s, "windows": len(idx),
-                                            "samples": a.samples, "fits": fits, "rows": out}, indent=1))
+                                            "samples": a.samples, "fits": fits, "rows": out,
+                                            "spectrum": ratio.tolist()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -224,6 +224,54 @@ def test_spread_skill_rmse_nrmse():
         dg.crps(ens[:1], y)
 
 
+def _filtered(white, cut, gain):
+    """Periodic fields ``white`` with the Fourier modes of radial wavenumber above ``cut`` multiplied by ``gain``."""
+    dims = (-1,) if white.dim() == 2 else (-2, -1)
+    freqs = [torch.fft.fftfreq(n, 1.0 / n, dtype=torch.float64) for n in white.shape[white.dim() - len(dims):]]
+    radius = torch.stack(torch.meshgrid(*freqs, indexing="ij")).square().sum(0).sqrt().round()
+    f = torch.fft.fftn(white, dim=dims) * torch.where(radius > cut, gain, 1.0)
+    return torch.fft.ifftn(f, dim=dims).real
+
+
+@pytest.mark.parametrize("shape", [(32,), (2, 8, 8)])
+def test_spread_skill_spectrum_finds_the_scales_where_the_ensemble_is_too_narrow(shape):
+    """Truths and members of a white Gaussian field about a mean; the members' modes above wavenumber 4 shrunk to
+    half: the ratio is 1 at the large scales and 0.5 at the small ones; members of the truths' law give 1 at all."""
+    g = torch.Generator().manual_seed(5)
+    M, n = 8, 3000
+    mu = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    truth = mu + torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    ens = mu + _filtered(torch.randn(M * n, *shape, generator=g, dtype=torch.float64), 4, 0.5).reshape(M, n, *shape)
+    k, ratio = dg.spread_skill_spectrum(ens, truth)
+    assert k.tolist() == list(range(len(k))) and len(k) == (17 if shape == (32,) else 7)
+    assert torch.allclose(ratio[:5], torch.ones(5, dtype=torch.float64), atol=0.05), ratio.tolist()
+    assert torch.allclose(ratio[5:], torch.full((len(k) - 5,), 0.5, dtype=torch.float64), atol=0.03), ratio.tolist()
+    calibrated = mu + torch.randn(M, n, *shape, generator=g, dtype=torch.float64)
+    _, r_cal = dg.spread_skill_spectrum(calibrated, truth)
+    assert torch.allclose(r_cal, torch.ones_like(r_cal), atol=0.035), r_cal.tolist()  # sqrt(8/9) without (M+1)/M
+    with pytest.raises(ValueError, match="grids"):
+        dg.spread_skill_spectrum(torch.randn(4, 3, 2, 5), torch.randn(3, 2, 5))
+    with pytest.raises(ValueError, match="at least 2"):
+        dg.spread_skill_spectrum(ens[:1], truth)
+
+
+def test_spread_skill_spectrum_adds_up_to_the_overall_ratio():
+    """By Parseval's identity the error and spread powers of all bins are those of the states."""
+    g = torch.Generator().manual_seed(6)
+    ens, truth = torch.randn(6, 50, 16, generator=g), torch.randn(50, 16, generator=g)
+    k, ratio = dg.spread_skill_spectrum(ens, truth)
+    mean = ens.double().mean(0)
+    dims = (-1,)
+    spread_power = torch.fft.fftn(ens.double() - mean, dim=dims).abs().square().sum(0).sum(0) / 5
+    err_power = torch.fft.fftn(truth.double() - mean, dim=dims).abs().square().sum(0)
+    radius = torch.fft.fftfreq(16, 1 / 16).abs().round().long()
+    err_bins = torch.zeros(len(k), dtype=torch.float64).index_add_(0, radius, err_power)
+    # ratio^2 * err (per bin) summed, over the total error power, is the overall spread/skill squared
+    overall = float((ratio.square() * err_bins).sum() / err_bins.sum())
+    assert overall == pytest.approx(dg.spread_skill(ens, truth) ** 2, rel=1e-6)
+    assert float(spread_power.sum() / err_power.sum() * 7 / 6) == pytest.approx(overall, rel=1e-9)
+
+
 # -- arviz -----------------------------------------------------------------------------------------------------------
 def test_to_inference_data():
     import arviz as az

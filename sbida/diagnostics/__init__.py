@@ -18,7 +18,16 @@ from .coverage import (
 from .evaluate import EvaluationResult, as_posterior_fn, evaluate
 from .inference_data import to_inference_data
 from .sbc import SBCResult, sbc, sbc_ranks
-from .scores import climatological_std, crps, energy_score, nrmse, rmse, spread, spread_skill
+from .scores import (
+    climatological_std,
+    crps,
+    energy_score,
+    nrmse,
+    rmse,
+    spread,
+    spread_skill,
+    spread_skill_spectrum,
+)
 from .tarp import TARPResult, tarp, tarp_credibility, tarp_curve, tarp_references
 
 __all__ = [
@@ -28,6 +37,7 @@ __all__ = [
     "TARPResult", "tarp", "tarp_credibility", "tarp_curve", "tarp_references",
     "c2st",
     "rmse", "nrmse", "climatological_std", "crps", "energy_score", "spread", "spread_skill",
+    "spread_skill_spectrum",
     "to_inference_data",
     "EvaluationResult", "evaluate", "as_posterior_fn",
 ]

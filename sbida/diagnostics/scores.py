@@ -19,6 +19,11 @@ With members :math:`x^{(1..M)}_b` of window :math:`b`, their mean :math:`\bar x_
   :math:`\sqrt{\frac{1}{BD}\sum_{b,d} s^2_{bd}}` from the unbiased member variances. For members and truth drawn
   from one distribution, :math:`\mathbb{E}(\bar x - x)^2 = \frac{M+1}{M}\sigma^2`, so the ratio is 1; below 1
   means over-confident.
+- Spread/skill by scale (:func:`spread_skill_spectrum`): the same ratio for each wavenumber of the state's grid
+  (Fourier modes of a periodic grid, radial wavenumbers on a 2-D grid), from the members' and the truth's
+  departures from the ensemble mean. By Parseval's identity the bins add up to the overall ratio; a posterior can be
+  calibrated on the whole and still too narrow at some scales and too wide at others, which no common inflation of
+  the spread corrects.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from torch import Tensor
 
 from ._checks import check_samples, check_truth, flat
 
-__all__ = ["rmse", "nrmse", "climatological_std", "crps", "energy_score", "spread", "spread_skill"]
+__all__ = ["rmse", "nrmse", "climatological_std", "crps", "energy_score", "spread", "spread_skill",
+           "spread_skill_spectrum"]
 
 
 def _reduce(per_window: Tensor, reduction: str) -> Tensor | float:
@@ -168,3 +174,44 @@ def spread_skill(samples: Tensor, truth: Tensor) -> float:
     """
     M = samples.shape[0]
     return math.sqrt((M + 1) / M) * spread(samples) / rmse(samples, truth)
+
+
+def spread_skill_spectrum(samples: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
+    """Spread/skill ratio per wavenumber of a periodic grid.
+
+    The departures of the members and of the truth from the ensemble mean are Fourier transformed over the grid (the
+    last dimension of 1-D states ``(K,)``, the last two of ``(C, H, W)`` states, whose channels are pooled) and their
+    power is summed per wavenumber (``|k|`` in 1-D, the rounded radial ``sqrt(k_x^2 + k_y^2)`` in 2-D); the ratio of
+    each bin is ``sqrt((M+1)/M * spread power / error power)``, with the unbiased member variance, as
+    :func:`spread_skill` (1 for a calibrated ensemble, below 1 over-confident at that scale).
+
+    Args:
+        samples: ``(M, B, *state_shape)`` with ``M >= 2``; states ``(K,)`` or ``(C, H, W)`` on a periodic grid.
+        truth: ``(B, *state_shape)``.
+
+    Returns:
+        ``(wavenumbers (k,), ratio (k,))`` in float64, wavenumbers ``0, 1, ...`` up to the largest on the grid.
+    """
+    truth = check_truth(truth)
+    s = check_samples(samples, truth)
+    M = s.shape[0]
+    if M < 2:
+        raise ValueError(f"the spread needs at least 2 samples, got {M}")
+    if truth.dim() not in (2, 4):
+        raise ValueError(f"states must be (K,) or (C, H, W) grids, got state shape {tuple(truth.shape[1:])}")
+    dims = (-1,) if truth.dim() == 2 else (-2, -1)
+    mean = s.double().mean(0)
+    spread_power = torch.fft.fftn(s.double() - mean, dim=dims).abs().square().sum(0) / (M - 1)  # (B, *state)
+    error_power = torch.fft.fftn(truth.double() - mean, dim=dims).abs().square()
+    freqs = [torch.fft.fftfreq(n, 1.0 / n, dtype=torch.float64) for n in truth.shape[len(truth.shape) - len(dims):]]
+    radius = torch.stack(torch.meshgrid(*freqs, indexing="ij")).square().sum(0).sqrt().round().long()  # grid shape
+    k = int(radius.max()) + 1
+
+    def per_bin(power: Tensor) -> Tensor:
+        p = power.reshape(-1, *radius.shape).sum(0).reshape(-1)  # windows and channels pooled
+        return torch.zeros(k, dtype=torch.float64).index_add_(0, radius.reshape(-1), p)
+
+    err = per_bin(error_power)
+    if (err <= 0).any():
+        raise ValueError("the truth equals the ensemble mean at some wavenumber: the ratio is undefined there")
+    return torch.arange(k, dtype=torch.float64), (math.sqrt((M + 1) / M) * (per_bin(spread_power) / err).sqrt())

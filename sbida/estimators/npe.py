@@ -33,9 +33,10 @@ an affine map of the flow's output, so the density stays exact
 (:math:`\log q_s = \log p_{f_c}(u) - D \log s - \ldots`). :meth:`NPE.fit_inflation` chooses ``s`` on held-out windows
 (by the coverage of their true states, or by their likelihood), like the multiplicative inflation of ensemble
 filters; ``inflation_fit`` does it at the end of :meth:`~sbida.estimators.base.Estimator.fit`. It corrects a spread
-error common to all windows (``s_h`` is the head's scale ``s(h)`` above). On ``lorenz96`` K=40 NPE's error varies
-between windows (too wide in some, too narrow in others: a coverage curve flatter than the diagonal) and no common
-factor lowers its joint ECE (``benchmarks/RESULTS.md``), so it is off by default.
+error common to all windows (``s_h`` is the head's scale ``s(h)`` above). On ``lorenz96`` K=40 NPE's error depends on
+the scale (too narrow at middle wavenumbers, too wide at the grid scale:
+:func:`sbida.diagnostics.spread_skill_spectrum`; a coverage curve flatter than the diagonal) and no common factor
+lowers its joint ECE (``benchmarks/RESULTS.md``), so it is off by default.
 """
 
 from __future__ import annotations
