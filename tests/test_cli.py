@@ -95,7 +95,7 @@ def test_report_runs_every_stage_into_the_run_folder(tiny_run, capsys):
     p.feed((tiny_run / "report.html").read_text())
     names = [r[0] for r in p.rows if r]
     assert {"npe", "coda", "oi"} <= set(names)
-    assert p.images == 3 + 3  # coverage, SBC, TARP and one example window per method
+    assert p.images == 4 + 3  # coverage, SBC, TARP, spread/skill by scale, one example window per method
 
 
 @pytest.mark.slow

@@ -313,6 +313,9 @@ def test_evaluate_exact_linear_gaussian(linear_task, tmp_path):
     assert res.n_windows == len(data) and res.state_shape == (32,)
     assert res.coverage.method == "hpd" and res.coverage.ece <= 0.05 and res.coverage.marginal_ece <= 0.05
     assert abs(res.spread_skill - 1) < 0.05 and res.nrmse < 0.5
+    # every scale (528 windows of 48 trajectories: one Fourier mode at wavenumbers 0 and 16, so noisy there)
+    spec = torch.tensor(res.spectrum)
+    assert len(spec) == 17 and (spec - 1).abs().max() < 0.25 and abs(spec.mean() - 1) < 0.04, res.spectrum
     assert len(res.c2st_aucs) == 1 and res.c2st_auc <= 0.6
     assert res.timings["total"] > 0 and res.timings["posterior_and_sampling_per_window"] > 0
     # JSON round trip
@@ -330,6 +333,7 @@ def test_evaluate_exact_linear_gaussian(linear_task, tmp_path):
     assert bad.coverage.method == "distance" and bad.coverage.ece >= 0.15
     assert bad.spread_skill < 0.6 and bad.sbc.flagged() and bad.c2st_auc is None
     assert bad.rmse == pytest.approx(res.rmse, rel=0.05)
+    assert max(bad.spectrum) < 0.6 and again.spectrum == res.spectrum
 
 
 def test_evaluate_rejects_bad_input(linear_task):

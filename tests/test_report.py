@@ -97,20 +97,25 @@ def test_table_rows_match_the_metrics_json(report):
 
 
 def test_table_tells_calibrated_from_overconfident(report):
-    _, page = report
+    path, page = report
     header, *rows = page.tables["metrics"]
     body = {r[0]: dict(zip(header, r)) for r in rows}
     # the exact posterior is calibrated; the one with 0.3 times its spread covers far too little
     assert float(body["exact"]["coverage ECE"]) < 0.1 < float(body["overconfident"]["coverage ECE"])
     assert float(body["overconfident"]["spread/skill"]) < 0.5 < float(body["exact"]["spread/skill"])
+    # by scale too: spread/skill near 1 at every wavenumber for the exact posterior, 0.3 for the other one
+    results = json.loads(path.with_suffix(".json").read_text())["results"]
+    assert max(abs(r - 1) for r in results["exact"]["spectrum"]) < 0.25
+    assert max(abs(r - 0.3) for r in results["overconfident"]["spectrum"]) < 0.08
     # a C2ST of the exact posterior against itself is near chance, the overconfident one is told apart
     assert float(body["exact"]["C2ST AUC"]) < 0.65 < float(body["overconfident"]["C2ST AUC"])
 
 
 def test_figures_are_embedded_pngs(report):
     _, page = report
-    # coverage, SBC panels, TARP, and 2 example windows x 2 methods
-    assert len(page.images) == 3 + 4
+    # coverage, SBC panels, TARP, spread/skill by scale, and 2 example windows x 2 methods
+    assert len(page.images) == 4 + 4
+    assert [img["alt"] for img in page.images].count("spread/skill spectra") == 1
     for img in page.images:
         src = img["src"]
         assert src.startswith("data:image/png;base64,")
@@ -128,14 +133,15 @@ def test_results_without_a_reference_have_no_c2st_column(tmp_path):
     path = write({"exact": again}, data, tmp_path / "r.html", progress=False)
     page = parse(path.read_text())
     assert "C2ST AUC" not in page.tables["metrics"][0]
-    assert len(page.images) == 3  # no examples without samples
+    assert len(page.images) == 4  # no examples without samples
+    assert again.spectrum == r.spectrum and len(r.spectrum) == 4  # wavenumbers 0-3 of the 6-cell states
 
 
 def test_two_dimensional_examples_are_images(tmp_path):
     data = gaussian_dataset(n_traj=4, steps=6, shape=(2, 8, 8))
     path = write({"exact": exact()}, data, tmp_path / "r.html", n_samples=20, progress=False, n_examples=1)
     page = parse(path.read_text())
-    assert len(page.images) == 3 + 1
+    assert len(page.images) == 4 + 1
     stored = json.loads(path.with_suffix(".json").read_text())["results"]["exact"]
     row = metrics_table({"a": EvaluationResult.from_dict(stored)})["a"]
     assert row["training_seconds"] is None and row["rmse"] == pytest.approx(stored["rmse"])

@@ -2,10 +2,11 @@ r"""All diagnostics of a posterior estimator on a dataset of windows, batched, i
 
 For every window :math:`(x, y, m, t)` of the dataset the posterior :math:`q(\cdot \mid y, m, t)` is built and
 sampled ``n_samples`` times; per batch only per-window statistics are kept (squared error of the sample mean, member
-variance, CRPS, energy score, SBC ranks, coverage and TARP credibilities), so memory does not grow with the number
-of windows. At the end they are reduced to the scores of :mod:`sbida.diagnostics.scores`, the coverage curve of
-:mod:`~sbida.diagnostics.coverage`, the SBC and TARP results and, when a reference posterior is given, the C2ST
-AUC between the two posteriors averaged over the first ``c2st_windows`` windows. Timings are wall-clock seconds.
+variance, CRPS, energy score, SBC ranks, coverage and TARP credibilities, and for grid states the spread and error
+power per wavenumber), so memory does not grow with the number of windows. At the end they are reduced to the
+scores of :mod:`sbida.diagnostics.scores`, the coverage curve of :mod:`~sbida.diagnostics.coverage`, the SBC and
+TARP results and, when a reference posterior is given, the C2ST AUC between the two posteriors averaged over the
+first ``c2st_windows`` windows. Timings are wall-clock seconds.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ._checks import check_samples, flat
 from .c2st import c2st
 from .coverage import CoverageResult, central_credibility, hpd_credibility, moments_and_distance
 from .sbc import SBCResult
-from .scores import energy, fair_crps
+from .scores import energy, fair_crps, is_grid, spectral_powers, spectrum_ratio
 from .tarp import TARPResult, tarp_credibility, tarp_references
 
 __all__ = ["EvaluationResult", "evaluate", "as_posterior_fn"]
@@ -57,6 +58,8 @@ class EvaluationResult:
         spread: root mean member variance; spread_skill: ``sqrt((M+1)/M) spread / rmse``.
         coverage, sbc, tarp: the calibration results.
         c2st_auc: mean C2ST ROC-AUC against the reference over ``c2st_aucs`` (one per window), or ``None``.
+        spectrum: spread/skill per wavenumber ``0, 1, ...`` of the grid
+            (:func:`~sbida.diagnostics.spread_skill_spectrum`) for states ``(K,)`` or ``(C, H, W)``, else ``None``.
         clim_std: the climatological standard deviation used by ``nrmse``.
         timings: seconds: ``posterior``, ``sampling``, ``log_prob``, ``metrics``, ``c2st``, ``total``, and per window
             ``posterior_and_sampling_per_window`` and ``metrics_per_window``.
@@ -80,6 +83,7 @@ class EvaluationResult:
     c2st_aucs: list[float] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     name: str = ""
+    spectrum: list[float] | None = None
 
     def metrics(self) -> dict[str, float | None]:
         """The headline numbers as a flat dictionary (for tables)."""
@@ -95,7 +99,7 @@ class EvaluationResult:
                 "energy": self.energy, "spread": self.spread, "spread_skill": self.spread_skill,
                 "clim_std": self.clim_std, "coverage": self.coverage.to_dict(), "sbc": self.sbc.to_dict(),
                 "tarp": self.tarp.to_dict(), "c2st_auc": self.c2st_auc, "c2st_aucs": list(self.c2st_aucs),
-                "timings": dict(self.timings)}
+                "timings": dict(self.timings), "spectrum": self.spectrum}
 
     @classmethod
     def from_dict(cls, d: dict) -> EvaluationResult:
@@ -103,7 +107,7 @@ class EvaluationResult:
         return cls(d["n_windows"], d["n_samples"], tuple(d["state_shape"]), d["rmse"], d["nrmse"], d["crps"],
                    d["energy"], d["spread"], d["spread_skill"], CoverageResult.from_dict(d["coverage"]),
                    SBCResult.from_dict(d["sbc"]), TARPResult.from_dict(d["tarp"]), d["clim_std"], d.get("c2st_auc"),
-                   list(d.get("c2st_aucs", [])), dict(d.get("timings", {})), d.get("name", ""))
+                   list(d.get("c2st_aucs", [])), dict(d.get("timings", {})), d.get("name", ""), d.get("spectrum"))
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The result as JSON text, also written to ``path`` when given."""
@@ -195,6 +199,8 @@ def evaluate(estimator_or_posterior_fn: Any, dataset, n_samples: int = 1000, bat
     acc: dict[str, list[Tensor]] = {k: [] for k in keys}
     times = dict.fromkeys(("posterior", "sampling", "log_prob", "metrics", "c2st"), 0.0)
     aucs: list[float] = []
+    grid = is_grid(state_shape)
+    powers = [0.0, 0.0]  # spread and error power per wavenumber, summed over windows
     method = coverage
     done = 0
     with tqdm(total=N, desc="evaluating", unit="window", disable=not progress, leave=False) as bar:
@@ -233,6 +239,8 @@ def evaluate(estimator_or_posterior_fn: Any, dataset, n_samples: int = 1000, bat
             acc["marginal"].append(central_credibility(ranks, n_samples).float())
             acc["cred"].append(dist_cred if method == "distance" else cred)
             acc["tarp"].append(tarp_credibility(s, xf, refs[i:i + B], lo.to(s.dtype), hi.to(s.dtype)))
+            if grid:
+                powers = [a + b for a, b in zip(powers, spectral_powers(samples, x))]
             t4 = time.perf_counter()
             times["metrics"] += t4 - t3
 
@@ -252,6 +260,9 @@ def evaluate(estimator_or_posterior_fn: Any, dataset, n_samples: int = 1000, bat
     sbc_res = SBCResult.from_ranks(cat["ranks"], n_samples)
     tarp_res = TARPResult.from_credibility(cat["tarp"], tarp_bins)
     rmse = math.sqrt(float(cat["mse"].mean()))
+    spectrum = None
+    if grid and bool((powers[1] > 0).all()):
+        spectrum = spectrum_ratio(powers[0], powers[1], n_samples).tolist()
     spread = math.sqrt(float(cat["var"].mean()))
     times["metrics"] += time.perf_counter() - t5
     times["total"] = time.perf_counter() - start
@@ -263,4 +274,5 @@ def evaluate(estimator_or_posterior_fn: Any, dataset, n_samples: int = 1000, bat
         spread_skill=math.sqrt((n_samples + 1) / n_samples) * spread / rmse if rmse > 0 else float("inf"),
         coverage=cov, sbc=sbc_res, tarp=tarp_res, clim_std=clim_std,
         c2st_auc=float(sum(aucs) / len(aucs)) if aucs else None, c2st_aucs=aucs, timings=times, name=name,
+        spectrum=spectrum,
     )

@@ -192,16 +192,32 @@ def spread_skill_spectrum(samples: Tensor, truth: Tensor) -> tuple[Tensor, Tenso
     Returns:
         ``(wavenumbers (k,), ratio (k,))`` in float64, wavenumbers ``0, 1, ...`` up to the largest on the grid.
     """
+    spread_power, error_power = spectral_powers(samples, truth)
+    return torch.arange(len(error_power), dtype=torch.float64), spectrum_ratio(spread_power, error_power,
+                                                                                samples.shape[0])
+
+
+def is_grid(state_shape: tuple[int, ...]) -> bool:
+    """Whether :func:`spread_skill_spectrum` applies: states ``(K,)`` or ``(C, H, W)``."""
+    return len(state_shape) in (1, 3)
+
+
+def spectral_powers(samples: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
+    """The power per wavenumber of the members' departures from their mean (unbiased member variance) and of the
+    truth's, summed over windows (and channels): ``(k,)`` each in float64, which add up over batches of windows.
+    Arguments as :func:`spread_skill_spectrum`."""
     truth = check_truth(truth)
     s = check_samples(samples, truth)
     M = s.shape[0]
     if M < 2:
         raise ValueError(f"the spread needs at least 2 samples, got {M}")
-    if truth.dim() not in (2, 4):
+    if not is_grid(tuple(truth.shape[1:])):
         raise ValueError(f"states must be (K,) or (C, H, W) grids, got state shape {tuple(truth.shape[1:])}")
     dims = (-1,) if truth.dim() == 2 else (-2, -1)
-    mean = s.double().mean(0)
-    spread_power = torch.fft.fftn(s.double() - mean, dim=dims).abs().square().sum(0) / (M - 1)  # (B, *state)
+    mean = s.mean(0, dtype=torch.float64)
+    step = max(1, 2**22 // truth.numel())  # members per pass: bounds the memory of the transforms
+    spread_power = sum(torch.fft.fftn(s[i:i + step].double() - mean, dim=dims).abs().square().sum(0)
+                       for i in range(0, M, step)) / (M - 1)  # (B, *state)
     error_power = torch.fft.fftn(truth.double() - mean, dim=dims).abs().square()
     freqs = [torch.fft.fftfreq(n, 1.0 / n, dtype=torch.float64) for n in truth.shape[len(truth.shape) - len(dims):]]
     radius = torch.stack(torch.meshgrid(*freqs, indexing="ij")).square().sum(0).sqrt().round().long()  # grid shape
@@ -211,7 +227,11 @@ def spread_skill_spectrum(samples: Tensor, truth: Tensor) -> tuple[Tensor, Tenso
         p = power.reshape(-1, *radius.shape).sum(0).reshape(-1)  # windows and channels pooled
         return torch.zeros(k, dtype=torch.float64).index_add_(0, radius.reshape(-1), p)
 
-    err = per_bin(error_power)
-    if (err <= 0).any():
+    return per_bin(spread_power), per_bin(error_power)
+
+
+def spectrum_ratio(spread_power: Tensor, error_power: Tensor, members: int) -> Tensor:
+    """Spread/skill per wavenumber ``(k,)`` from the powers of :func:`spectral_powers` and the ensemble size."""
+    if (error_power <= 0).any():
         raise ValueError("the truth equals the ensemble mean at some wavenumber: the ratio is undefined there")
-    return torch.arange(k, dtype=torch.float64), (math.sqrt((M + 1) / M) * (per_bin(spread_power) / err).sqrt())
+    return math.sqrt((members + 1) / members) * (spread_power / error_power).sqrt()

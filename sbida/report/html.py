@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..diagnostics.evaluate import EvaluationResult, as_posterior_fn, evaluate
-from .plots import plot_coverage, plot_sbc, plot_tarp, plot_window
+from .plots import plot_coverage, plot_sbc, plot_spectrum, plot_tarp, plot_window
 
 __all__ = ["write", "render", "draw_examples", "metrics_table", "COLUMNS"]
 
@@ -220,6 +220,12 @@ def render(results: Mapping[str, EvaluationResult], dataset: Any = None, *, titl
                  "<h2>TARP</h2>",
                  _img(plot_tarp({n: r.tarp for n, r in results.items()}),
                       "TARP expected coverage probability of all methods", "TARP curves")]
+    spectra = {n: r.spectrum for n, r in results.items() if r.spectrum and max(r.spectrum) > 0}
+    if spectra:  # grid states; point estimates (no spread at any scale) are left out
+        sections += ["<h2>Spread/skill by scale</h2>",
+                     _img(plot_spectrum(spectra), "spread/skill ratio per wavenumber of the state's grid: a posterior "
+                          "can be calibrated on the whole and too narrow at some scales, too wide at others",
+                          "spread/skill spectra")]
     if examples:
         if dataset is None or example_indices is None:
             raise ValueError("example figures need the dataset and example_indices")

@@ -1,4 +1,5 @@
-r"""Figures of the diagnostics: coverage, SBC ranks, TARP, and one window's posterior against the truth.
+r"""Figures of the diagnostics: coverage, SBC ranks, TARP, spread/skill by scale, and one window's posterior against
+the truth.
 
 Calibration bands are pointwise binomial: for ``N`` windows, a calibrated coverage at level :math:`\alpha` is
 :math:`\mathrm{Binomial}(N, \alpha) / N`, and the band holds its central ``band`` probability. Every function returns
@@ -8,7 +9,7 @@ threads); pass ``ax`` to draw into an existing axes instead.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,7 +24,7 @@ if TYPE_CHECKING:  # matplotlib and scipy.stats are imported when a figure is dr
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["plot_coverage", "plot_sbc", "plot_tarp", "plot_window", "binomial_band"]
+__all__ = ["plot_coverage", "plot_sbc", "plot_tarp", "plot_spectrum", "plot_window", "binomial_band"]
 
 
 def binomial_band(levels: Tensor | np.ndarray, n: int, band: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
@@ -161,6 +162,35 @@ def plot_tarp(result: TARPResult | Mapping[str, TARPResult], ax: Axes | None = N
     for name, r in named.items():
         ax.plot(r.alpha.numpy(), r.ecp.numpy(), label=f"{name + ' ' if name else ''}(ATC {r.atc:+.3f})")
     ax.legend(fontsize="small", loc="upper left")
+    return fig
+
+
+def plot_spectrum(spectra: Sequence[float] | Tensor | Mapping[str, Sequence[float] | Tensor], ax: Axes | None = None
+                  ) -> Figure:
+    """Spread/skill ratio against the wavenumber of the grid (:func:`sbida.diagnostics.spread_skill_spectrum`, or
+    :attr:`~sbida.diagnostics.EvaluationResult.spectrum`), with the calibrated ratio 1 and a log scale.
+
+    Args:
+        spectra: the ratios ``(k,)`` of wavenumbers ``0 ... k - 1``, or a mapping ``name -> ratios``.
+        ax: axes to draw into.
+
+    Returns:
+        The figure.
+    """
+    named = dict(spectra) if isinstance(spectra, Mapping) else {"": spectra}
+    if not named:
+        raise ValueError("need at least one spectrum to plot")
+    fig, (ax,) = _axes(ax, size=(5.0, 3.6))
+    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="calibrated")
+    for name, ratio in named.items():
+        r = np.asarray(torch.as_tensor(ratio, dtype=torch.float64))
+        if r.ndim != 1 or len(r) == 0:
+            raise ValueError(f"a spectrum must be a non-empty 1-D sequence, got shape {r.shape} for {name!r}")
+        ax.plot(np.arange(len(r)), np.clip(r, 1e-3, None), marker=".", label=name or None)
+    ax.set(yscale="log", xlabel="wavenumber", ylabel="spread / skill")
+    ax.text(0.01, 0.01, "below 1: over-confident at that scale", transform=ax.transAxes, fontsize="small",
+            va="bottom")
+    ax.legend(fontsize="small")
     return fig
 
 
