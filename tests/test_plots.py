@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from sbida import diagnostics as dg  # noqa: E402
-from sbida.report import binomial_band, plot_coverage, plot_sbc, plot_tarp, plot_window  # noqa: E402
+from sbida.report import binomial_band, plot_coverage, plot_sbc, plot_spectrum, plot_tarp, plot_window  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,24 @@ def test_plot_coverage(results):
     assert len(ax.lines) == 5 and len(ax.collections) == 0
     assert any("narrow" in t.get_text() for t in ax.get_legend().get_texts())
     fig.savefig(__import__("io").BytesIO(), format="png")
+
+
+def test_plot_spectrum():
+    g = torch.Generator().manual_seed(1)
+    mu = torch.randn(200, 16, generator=g)
+    truth = mu + torch.randn(200, 16, generator=g)
+    _, good = dg.spread_skill_spectrum(mu + torch.randn(64, 200, 16, generator=g), truth)
+    _, narrow = dg.spread_skill_spectrum(mu + 0.5 * torch.randn(64, 200, 16, generator=g), truth)
+    fig = plot_spectrum({"good": good, "narrow": narrow.tolist()})
+    ax = fig.axes[0]
+    assert len(ax.lines) == 3  # the line at 1 and two spectra
+    assert np.allclose(ax.lines[2].get_ydata(), narrow.numpy()) and list(ax.lines[2].get_xdata()) == list(range(9))
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= 1.2
+    fig.savefig(__import__("io").BytesIO(), format="png")
+    with pytest.raises(ValueError, match="1-D"):
+        plot_spectrum({"bad": torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match="at least one"):
+        plot_spectrum({})
 
 
 def test_plot_sbc_and_tarp(results):

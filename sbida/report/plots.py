@@ -168,7 +168,7 @@ def plot_tarp(result: TARPResult | Mapping[str, TARPResult], ax: Axes | None = N
 def plot_spectrum(spectra: Sequence[float] | Tensor | Mapping[str, Sequence[float] | Tensor], ax: Axes | None = None
                   ) -> Figure:
     """Spread/skill ratio against the wavenumber of the grid (:func:`sbida.diagnostics.spread_skill_spectrum`, or
-    :attr:`~sbida.diagnostics.EvaluationResult.spectrum`), with the calibrated ratio 1 and a log scale.
+    :attr:`~sbida.diagnostics.EvaluationResult.spectrum`), with the calibrated ratio 1.
 
     Args:
         spectra: the ratios ``(k,)`` of wavenumbers ``0 ... k - 1``, or a mapping ``name -> ratios``.
@@ -182,12 +182,15 @@ def plot_spectrum(spectra: Sequence[float] | Tensor | Mapping[str, Sequence[floa
         raise ValueError("need at least one spectrum to plot")
     fig, (ax,) = _axes(ax, size=(5.0, 3.6))
     ax.axhline(1.0, color="k", lw=0.8, ls="--", label="calibrated")
+    top = 1.2
     for name, ratio in named.items():
         r = np.asarray(torch.as_tensor(ratio, dtype=torch.float64))
         if r.ndim != 1 or len(r) == 0:
             raise ValueError(f"a spectrum must be a non-empty 1-D sequence, got shape {r.shape} for {name!r}")
-        ax.plot(np.arange(len(r)), np.clip(r, 1e-3, None), marker=".", label=name or None)
-    ax.set(yscale="log", xlabel="wavenumber", ylabel="spread / skill")
+        ax.plot(np.arange(len(r)), r, marker=".", label=name or None)
+        top = max(top, 1.1 * float(np.nanmax(r)))
+    ax.set(ylim=(0, top), xlabel="wavenumber", ylabel="spread / skill")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.text(0.01, 0.01, "below 1: over-confident at that scale", transform=ax.transAxes, fontsize="small",
             va="bottom")
     ax.legend(fontsize="small")
