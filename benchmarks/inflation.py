@@ -12,6 +12,7 @@ factor corrects. Last, the spread/skill ratio per wavenumber of the state at fac
 
     python benchmarks/inflation.py [--minutes 10] [--data runs/l96.h5] [--checkpoint PATH] [--save PATH]
                                    [--windows 1000] [--samples 500] [--factors 1.05 1.1] [--quick] [--json PATH]
+                                   [--set npe.KEY=VALUE npe.fit.KEY=VALUE ...]
 
 ``--data``: the task's simulated windows are read from that HDF5 file when it exists and written there otherwise (the
 split is by trajectory, seed 0, 80/10/10 %, as in ``ablations.py``). ``--quick``: 16 trajectories, 1 minute of
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +33,9 @@ import sbida
 from sbida.data import WindowDataset
 from sbida.diagnostics import evaluate, spread_skill_spectrum
 from sbida.estimators import NPE, load
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import parse_settings  # noqa: E402
 
 LEVELS = (0, 4, 8, 12, 16, 18)  # indices of 0.05, 0.25, 0.45, 0.65, 0.85, 0.95 among the default levels
 
@@ -61,7 +66,13 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=str, default=None)
+    p.add_argument("--set", nargs="+", default=[], metavar="npe.KEY=VALUE", dest="settings",
+                   help="NPE hyperparameters or fit arguments instead of the configuration file's")
     a = p.parse_args()
+    settings = parse_settings(a.settings)
+    if set(settings) - {"npe"}:
+        p.error(f"--set takes npe.KEY=VALUE or npe.fit.KEY=VALUE, got {sorted(settings)}")
+    settings = settings.get("npe", {})
     if a.quick:
         a.trajectories, a.minutes, a.windows, a.samples, a.fit_windows = 16, 1.0, 200, 100, 256
     torch.set_num_threads(a.threads)
@@ -73,8 +84,12 @@ def main() -> None:
         est = load(a.checkpoint)
         train_s = float("nan")
     else:
-        est = NPE(task)
+        est = NPE(task, **settings.get("estimator", {}))
         fit = sbida.config.load_yaml(sbida.tasks.CONFIG_DIR / "estimators" / "npe.yaml")["fit"]
+        unknown = set(settings.get("fit", {})) - set(fit)
+        if unknown:
+            p.error(f"unknown fit arguments {sorted(unknown)}; known: {sorted(fit)}")
+        fit.update(settings.get("fit", {}))
         fit.update(max_time=60 * a.minutes, seed=0)
         t0 = time.perf_counter()
         est.fit(train, val, **fit, progress=True)
