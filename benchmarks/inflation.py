@@ -1,9 +1,12 @@
-"""NPE's spread inflation on Lorenz-96: test calibration at inflation 1 and at the factors fitted on validation windows.
+"""NPE's spread inflation and tails on Lorenz-96: test calibration at inflation 1, at the factors fitted on validation
+windows, and with the fitted Student-t base.
 
 Trains the default NPE on the ``lorenz96`` task (K=40 unless ``--K``) for ``--minutes`` minutes of wall clock (or
 loads ``--checkpoint``), fits the inflation on validation windows with both criteria of :meth:`NPE.fit_inflation`
-(``coverage``: the joint highest-density ECE; ``nll``: the likelihood of the true states), then evaluates the test
-windows (``--windows`` x ``--samples``) at factor 1, at each fitted factor and at the ``--factors`` given. Each row
+(``coverage``: the joint highest-density ECE; ``nll``: the likelihood of the true states) and the degrees of
+freedom of a Student-t base (:meth:`NPE.fit_tails`), then evaluates the test windows (``--windows`` x ``--samples``)
+with the Gaussian base at factor 1, at each fitted factor and at the ``--factors`` given, and with the fitted tails
+at factor 1 and at the factor fitted by ``nll`` with them. Each row
 prints RMSE, nRMSE, CRPS, spread/skill, the joint ECE (highest density) and its largest gap, the marginal ECE and the
 joint coverage at the levels 0.05, 0.25, 0.45, 0.65, 0.85 and 0.95: a curve flatter than the diagonal (over at low
 levels, under at high ones) is a spread that is wrong in different directions in different windows, which no single
@@ -96,6 +99,7 @@ def main() -> None:
         train_s = time.perf_counter() - t0
         if a.save:
             est.save(a.save)
+    est.hparams["tails"] = None  # the Gaussian base (fit() fits the tails by default)
     fits = {}
     for criterion in ("coverage", "nll"):
         t0 = time.perf_counter()
@@ -103,26 +107,35 @@ def main() -> None:
         fits[criterion] = r
         print(f"fit by {criterion}: inflation {r['inflation']:.4f}, validation score {min(r['score']):.4g} "
               f"(at 1: {r['score_at_1']:.4g}), {time.perf_counter() - t0:.1f} s", flush=True)
-    rows = [("1", 1.0), ("coverage fit", fits["coverage"]["inflation"]), ("nll fit", fits["nll"]["inflation"])]
-    rows += [("given", float(f)) for f in a.factors]
+    t0 = time.perf_counter()
+    tails = est.fit_tails(val, windows=4 * a.fit_windows, seed=0)
+    print(f"fit of the tails: nu {tails['tails']:.2f}, validation NLL {tails['nll']:.3f} nats per window (Gaussian "
+          f"base {tails['nll_gaussian']:.3f}), {time.perf_counter() - t0:.1f} s", flush=True)
+    est.hparams["inflation"] = 1.0
+    tails_nll = est.fit_inflation(val, windows=a.fit_windows, criterion="nll", seed=0)["inflation"]
+    nu = tails["tails"]
+    rows = [("1", 1.0, None), ("coverage fit", fits["coverage"]["inflation"], None),
+            ("nll fit", fits["nll"]["inflation"], None)]
+    rows += [("given", float(f), None) for f in a.factors]
+    rows += [(f"tails nu={nu:.1f}", 1.0, nu), ("tails + nll fit", tails_nll, nu)]
     idx = torch.arange(min(a.windows, len(test)))
     levels = " ".join(f"{0.05 + 0.05 * i:.2f}" for i in LEVELS)
     print(f"\ntest: {len(idx)} windows x {a.samples} samples; train {train_s:.0f} s")
     print(f"{'inflation':<22}{'RMSE':>7}{'nRMSE':>8}{'CRPS':>7}{'spr/skl':>9}{'ECE':>7}{'maxgap':>8}{'marg':>7}"
           f"   joint coverage at {levels}")
     out = []
-    for name, s in rows:
-        est.hparams["inflation"] = s
+    for name, s, nu_row in rows:
+        est.hparams["inflation"], est.hparams["tails"] = s, nu_row
         res = evaluate(est, test, n_samples=a.samples, indices=idx, progress=False, seed=0)
         cov = res.coverage
         curve = [float(cov.coverage[i]) for i in LEVELS]
         print(f"{name + f' {s:.4f}':<22}{res.rmse:>7.3f}{res.nrmse:>8.4f}{res.crps:>7.3f}{res.spread_skill:>9.3f}"
               f"{cov.ece:>7.4f}{cov.max_gap:>8.3f}{cov.marginal_ece:>7.4f}   "
               + " ".join(f"{c:.2f}" for c in curve), flush=True)
-        out.append({"row": name, "inflation": s, "rmse": res.rmse, "nrmse": res.nrmse, "crps": res.crps,
-                    "spread_skill": res.spread_skill, "ece": cov.ece, "max_gap": cov.max_gap,
+        out.append({"row": name, "inflation": s, "tails": nu_row, "rmse": res.rmse, "nrmse": res.nrmse,
+                    "crps": res.crps, "spread_skill": res.spread_skill, "ece": cov.ece, "max_gap": cov.max_gap,
                     "marginal_ece": cov.marginal_ece, "coverage": cov.coverage.tolist()})
-    est.hparams["inflation"] = 1.0
+    est.hparams["inflation"], est.hparams["tails"] = 1.0, None
     x, y, m, t = test.get(idx)
     with torch.no_grad():
         draws = est.posterior(y, m, t).sample(a.samples, generator=torch.Generator().manual_seed(0))
@@ -131,7 +144,7 @@ def main() -> None:
           + " ".join(f"{int(w)}:{r:.2f}" for w, r in zip(k.tolist(), ratio.tolist())))
     if a.json:
         Path(a.json).write_text(json.dumps({"K": a.K, "train_seconds": train_s, "windows": len(idx),
-                                            "samples": a.samples, "fits": fits, "rows": out,
+                                            "samples": a.samples, "fits": fits, "tails": tails, "rows": out,
                                             "spectrum": ratio.tolist()}, indent=1))
 
 

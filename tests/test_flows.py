@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sbida.nn import GridFlow
+from sbida.nn import GridFlow, IsotropicStudentT
 from sbida.nn.flows import lattice, levels_of
 
 
@@ -106,3 +106,35 @@ def test_bad_arguments():
         GridFlow((8,), 2, kernel_size=1)
     with pytest.raises(ValueError, match="levels"):
         GridFlow((8,), 2, levels=4)
+
+
+def test_student_t_base_density_and_draws():
+    """The isotropic multivariate t: its density is scipy's, its draws' radii follow ``|z|^2 / (D c^2) ~ F(D, nu)``
+    (one scale per draw, shared by the components), and nu -> infinity gives N(0, c^2 I)."""
+    from scipy.stats import f as f_dist
+    from scipy.stats import kstest, multivariate_t
+
+    D, nu, c = 6, 3.5, 1.7
+    loc = torch.randn(4, D, dtype=torch.float64)
+    d = IsotropicStudentT(loc, nu, c)
+    assert d.batch_shape == (4,) and d.event_shape == (D,) and torch.equal(d.mean, loc)
+    x = loc + 3 * torch.randn(5, 4, D, dtype=torch.float64)
+    for b in range(4):
+        ref = multivariate_t(loc=loc[b].numpy(), shape=c**2 * torch.eye(D).numpy(), df=nu).logpdf(x[:, b].numpy())
+        assert torch.allclose(d.log_prob(x)[:, b], torch.as_tensor(ref), atol=1e-10)
+    torch.manual_seed(0)
+    z = d.sample((20000,))
+    assert z.shape == (20000, 4, D)
+    r = ((z - loc).square().sum(-1) / (D * c**2)).flatten().numpy()
+    assert kstest(r, f_dist(D, nu).cdf).pvalue > 0.01
+    r_gauss = ((z - loc).square().sum(-1) / c**2).flatten().numpy()
+    from scipy.stats import chi2
+    assert kstest(r_gauss, chi2(D).cdf).pvalue < 1e-6  # and not the Gaussian's chi^2_D
+    assert torch.allclose(d.variance, torch.full((4, D), c**2 * nu / (nu - 2), dtype=torch.float64))
+    far = IsotropicStudentT(loc, 1e9, c)
+    gauss = torch.distributions.Independent(torch.distributions.Normal(loc, c), 1)
+    assert torch.allclose(far.log_prob(x), gauss.log_prob(x), atol=1e-5)
+    assert d.expand((3, 4)).sample((2,)).shape == (2, 3, 4, D)
+    for bad in ({"df": 0.0}, {"df": -1.0}, {"scale": 0.0}):
+        with pytest.raises(ValueError, match="df and scale"):
+            IsotropicStudentT(loc, **{"df": nu, "scale": c, **bad})

@@ -8,6 +8,7 @@ import torch
 
 import sbida
 from sbida.estimators import NPE, Estimator, load
+from sbida.nn import IsotropicStudentT
 from sbida.posterior import DistributionPosterior
 
 SMALL = {"channels": 8, "depth": 1, "features": 16, "emb_features": 8, "transforms": 2, "hidden": [16]}
@@ -148,6 +149,51 @@ def test_fit_inflation_recovers_a_known_spread_error(lg):
         est.hparams["inflation"] = 1.0
 
 
+class _Tailed(_Widened):
+    """The windows of a linear-Gaussian dataset with every true state moved to ``mean + a_b (x - mean)`` by a factor
+    ``a_b = sqrt((nu - 2) / w_b)``, ``w_b ~ chi^2_nu``, drawn once per window: the truths of a multivariate Student-t
+    of ``nu`` degrees of freedom and the exact posterior's covariance (a spread that is right on average and wrong
+    in every window, by a factor that nothing in the window tells)."""
+
+    def __init__(self, data, task, nu):
+        super().__init__(data, task, 1.0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            w = torch.distributions.Chi2(torch.tensor(float(nu), dtype=torch.float64)).sample((len(data),))
+        self.factors = ((nu - 2) / w).sqrt()
+
+    def get(self, index):
+        index = torch.as_tensor(index)
+        x, y, m, t = sbida.data.WindowDataset.get(self, index)
+        mean, _ = self.task.simulator.exact_posterior(y, m, t, self.task.observation, self.window.offsets(),
+                                                      every=self.meta["every"])
+        return mean + self.factors[index].reshape(-1, *[1] * (x.dim() - 1)) * (x - mean), y, m, t
+
+
+@pytest.mark.slow
+def test_fit_tails_recovers_known_tails(lg):
+    """Truths of a Student-t of 5 degrees of freedom about the exact posterior: ``fit_tails`` finds heavy tails
+    (nu 3.5-10) where the same windows without the factors give a near-Gaussian base (nu > 30), and the coverage of
+    the tailed windows is calibrated with the fitted base where the Gaussian one is not."""
+    task, _, val, _, est, _ = lg
+    tailed = _Tailed(val, task, 5.0)
+    h = dict(est.hparams)
+    try:
+        plain = est.fit_tails(val, windows=len(val), seed=0)
+        fit = est.fit_tails(tailed, windows=len(val), seed=0)
+        assert plain["tails"] > 30 and 3.5 < fit["tails"] < 10, (plain, fit)
+        assert fit["nll"] < fit["nll_gaussian"] - 1.0, fit  # nats per window
+        assert est.hparams["tails"] == fit["tails"]
+        x, y, m, t = tailed.get(torch.arange(0, len(tailed), 2))
+        g = torch.Generator().manual_seed(1)
+        with_tails = sbida.diagnostics.expected_coverage(est.posterior(y, m, t), x.float(), n_samples=256, generator=g)
+        est.hparams.update(tails=None)
+        gaussian = sbida.diagnostics.expected_coverage(est.posterior(y, m, t), x.float(), n_samples=256, generator=g)
+        assert with_tails.ece < 0.05 and gaussian.ece > 0.1, (with_tails.ece, gaussian.ece)
+    finally:
+        est.hparams.update(h)
+
+
 @pytest.fixture
 def briefly_trained(tiny):
     """A small NPE after 2 training steps (each test may change it) and 6 training windows ``(x, y, m, t)``."""
@@ -192,6 +238,48 @@ def test_inflation_widens_the_posterior_exactly(tiny, briefly_trained, tmp_path)
         est.fit_inflation(val, grid=[0.5, -1.0])
     with pytest.warns(UserWarning, match="edge of the grid"):
         est.fit_inflation(val, windows=8, samples=16, grid=[0.01, 0.02])
+
+
+def test_tails_change_the_base_exactly(tiny, briefly_trained, tmp_path):
+    """With ``tails`` the log-density is the flow's with the unit-covariance Student-t base (the flow's map and the
+    Gaussian density of the same points give it back), near-infinite degrees of freedom are the Gaussian base;
+    ``tails_fit`` sets ``nu`` after ``fit``, and it is saved."""
+    task, train, val = tiny
+    est, (x, y, m, t) = briefly_trained
+    gauss = est.posterior(y, m, t)
+    xs = gauss.sample(32, generator=torch.Generator().manual_seed(3))
+    est.hparams.update(tails=4.0)  # scale sqrt(2 / 4)
+    heavy = est.posterior(y, m, t)
+    with torch.no_grad():
+        flow, loc, scale = est._parts(est.standardize(None, y, m, t))
+        to_base = lambda v: flow.transform(((v.flatten(2) - est.x_mean.reshape(-1)) / est.x_std.reshape(-1)  # noqa: E731
+                                            - loc) / scale)
+        z = to_base(xs)
+        base_t = IsotropicStudentT(torch.zeros_like(z), 4.0, 0.5**0.5).log_prob(z)
+        base_g = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        assert torch.allclose(heavy.log_prob(xs) - gauss.log_prob(xs), base_t - base_g, atol=1e-3)
+        draws = heavy.sample(4000, generator=torch.Generator().manual_seed(4))
+        r2 = to_base(draws).square().sum(-1) / (8 * 0.5)  # F(8, 4): median 1.11 (chi^2_8 / 8: 0.92)
+    assert 1.0 < float(r2.median()) < 1.25, float(r2.median())
+    est.hparams.update(tails=1e9)
+    assert torch.allclose(est.posterior(y, m, t).log_prob(xs), gauss.log_prob(xs), atol=1e-3)
+    est.hparams.update(tails=None)
+
+    fitted = NPE(task, **SMALL, tails_fit=True, tails_windows=16)
+    fitted.fit(train, val, epochs=1, steps_per_epoch=2, progress=False)
+    record = fitted.tails_record
+    assert record["windows"] == 16 and record["nll"] <= record["nll_gaussian"] + 1e-6
+    assert fitted.hparams["tails"] == record["tails"] and 3 <= record["tails"] <= 1e6
+    again = load(fitted.save(tmp_path / "npe.pt"))
+    assert again.hparams["tails"] == record["tails"]
+    assert torch.allclose(again.posterior(y, m, t).log_prob(xs), fitted.posterior(y, m, t).log_prob(xs))
+    with pytest.warns(UserWarning, match="no validation windows"):
+        NPE(task, **SMALL, tails_fit=True).fit(train, epochs=1, steps_per_epoch=1, progress=False)
+    for bad in ({"tails": 2.0}, {"tails": float("inf")}, {"tails_fit": "nll"}, {"tails_windows": 1}):
+        with pytest.raises(ValueError, match="tails"):
+            NPE(task, **SMALL, **bad)
+    with pytest.raises(ValueError, match="windows"):
+        est.fit_tails(val, windows=1)
 
 
 def test_log_prob_accounts_for_the_standardization(briefly_trained):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -457,6 +458,15 @@ class Estimator(nn.Module):
         """Called at the end of :meth:`fit`, with the best weights in place (e.g. CODA calibrates its Laplace
         covariance there, NRE its ratio's temperature). Does nothing by default. ``progress``: :meth:`fit`'s (on
         rank 0 only)."""
+
+    @staticmethod
+    def _held_out(val: WindowDataset | None, setting: str, kept: str) -> bool:
+        """Whether ``val`` has windows for the calibration fit that ``setting`` asks for at the end of :meth:`fit`;
+        warns (``kept``: what stays as it is) when it has none."""
+        if val is not None and len(val) > 0:
+            return True
+        warnings.warn(f"{setting} is set but fit() got no validation windows: {kept}", stacklevel=4)
+        return False
 
     def _data_parallel(self) -> tuple[DistributedDataParallel, list[tuple[nn.Module, str, nn.Module]]]:
         """The estimator's loss wrapped in DistributedDataParallel (BatchNorm made SyncBatchNorm on GPU).

@@ -498,11 +498,8 @@ class NRE(Estimator):
         ``temperature_record`` and the temperature in ``hparams["ratio_temperature"]`` (saved with the model)."""
         self.temperature_record = None
         h = self.hparams
-        if h["temperature_fit"] is None:
-            return
-        if val is None or len(val) == 0:
-            warnings.warn("temperature_fit is set but fit() got no validation windows: the ratio's temperature stays "
-                          f"{h['ratio_temperature']}", stacklevel=3)
+        if h["temperature_fit"] is None or not self._held_out(
+                val, "temperature_fit", f"the ratio's temperature stays {h['ratio_temperature']}"):
             return
         self.temperature_record = self.fit_temperature(val, windows=int(h["temperature_windows"]),
                                                        max_temperature=float(h["temperature_max"]),

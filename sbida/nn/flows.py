@@ -26,6 +26,7 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
+from torch.distributions import Distribution
 from zuko.distributions import DiagNormal, NormalizingFlow
 from zuko.lazy import LazyTransform
 from zuko.transforms import (
@@ -210,3 +211,62 @@ class GridFlow(nn.Module):
         zero = self.zero.to(hmap.dtype)
         base = DiagNormal(zero, torch.ones_like(zero)).expand(hmap.shape[:1])
         return NormalizingFlow(transform, base)
+
+
+class IsotropicStudentT(Distribution):
+    r"""A multivariate Student-t distribution with an isotropic scale: the heavy-tailed base of a flow.
+
+    .. math:: z = c \sqrt{\nu / w}\; g, \qquad g \sim \mathcal N(0, I_D), \quad w \sim \chi^2_\nu,
+
+    .. math:: \log p(z) = \log\Gamma\big(\tfrac{\nu + D}{2}\big) - \log\Gamma\big(\tfrac{\nu}{2}\big)
+              - \tfrac D2 \log(\nu\pi) - D \log c - \tfrac{\nu + D}{2} \log\Big(1 + \frac{\lVert z - \mu\rVert^2}
+              {\nu c^2}\Big).
+
+    One ``w`` per draw scales all ``D`` components together (a Gaussian scale mixture), so the tails are those of
+    the whole vector: a draw far out in one direction is far out in all. ``\nu \to \infty`` gives
+    :math:`\mathcal N(\mu, c^2 I)`. The covariance is :math:`c^2 \nu / (\nu - 2)\, I` for :math:`\nu > 2`.
+
+    Args:
+        loc: ``(*batch, D)`` centres :math:`\mu`.
+        df: degrees of freedom :math:`\nu > 0` (a number or a 0-d tensor).
+        scale: :math:`c > 0` (a number or a 0-d tensor).
+    """
+
+    arg_constraints = {}
+    has_rsample = True
+
+    def __init__(self, loc: Tensor, df: float | Tensor, scale: float | Tensor = 1.0):
+        self.loc = loc
+        # in float64: the normalizing constant is a difference of log-gammas of size nu log nu (large for large nu)
+        self.df = torch.as_tensor(df, dtype=torch.float64, device=loc.device)
+        self.scale = torch.as_tensor(scale, dtype=torch.float64, device=loc.device)
+        if self.df.dim() != 0 or self.scale.dim() != 0 or not (self.df > 0 and self.scale > 0):
+            raise ValueError(f"df and scale must be single numbers > 0, got {df} and {scale}")
+        super().__init__(loc.shape[:-1], loc.shape[-1:], validate_args=False)
+
+    @property
+    def mean(self) -> Tensor:
+        """The centre ``loc`` (the mean where :math:`\\nu > 1`)."""
+        return self.loc
+
+    @property
+    def variance(self) -> Tensor:
+        v = self.scale.square() * self.df / (self.df - 2) if self.df > 2 else torch.tensor(float("inf"))
+        return v.to(self.loc).expand_as(self.loc)
+
+    def expand(self, batch_shape, _instance=None) -> IsotropicStudentT:
+        return IsotropicStudentT(self.loc.expand(*batch_shape, *self.event_shape), self.df, self.scale)
+
+    def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
+        g = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        w = torch.distributions.Chi2(self.df).rsample(shape[:-1]).unsqueeze(-1)  # one per draw
+        return self.loc + (self.scale * (self.df / w).sqrt()).to(self.loc.dtype) * g
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        D, nu, c = self.event_shape[0], self.df, self.scale
+        const = (torch.lgamma((nu + D) / 2) - torch.lgamma(nu / 2) - D / 2 * torch.log(nu * math.pi)
+                 - D * torch.log(c))
+        r2 = (value - self.loc).square().sum(-1)
+        tail = ((nu + D) / 2).to(r2.dtype) * torch.log1p(r2 / (nu * c * c).to(r2.dtype))
+        return const.to(r2.dtype) - tail
