@@ -118,7 +118,8 @@ def main() -> None:
             ("nll fit", fits["nll"]["inflation"], None)]
     rows += [("given", float(f), None) for f in a.factors]
     rows += [(f"tails nu={nu:.1f}", 1.0, nu), ("tails + nll fit", tails_nll, nu)]
-    idx = torch.arange(min(a.windows, len(test)))
+    # a random set of test windows (the first ones would come from a couple of trajectories), as ablations.py
+    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:a.windows].sort().values
     levels = " ".join(f"{0.05 + 0.05 * i:.2f}" for i in LEVELS)
     print(f"\ntest: {len(idx)} windows x {a.samples} samples; train {train_s:.0f} s")
     print(f"{'inflation':<22}{'RMSE':>7}{'nRMSE':>8}{'CRPS':>7}{'spr/skl':>9}{'ECE':>7}{'maxgap':>8}{'marg':>7}"
