@@ -219,6 +219,20 @@ def fit_from_state(est, train, val, fit: dict, fit_state: str | Path, resume: bo
     return history, seconds
 
 
+def _calibration_lines(records: dict[str, dict]) -> list[str]:
+    """One line per calibration fit made at the end of a fit (NRE's temperature, NPE's inflation and tails)."""
+    lines = []
+    for kind, r in records.items():
+        if kind == "tails":
+            lines.append(f"Student-t base of {r['tails']:.3g} degrees of freedom fitted on {r['windows']} validation "
+                         f"windows (NLL {r['nll']:.4g} nats per window, Gaussian base {r['nll_gaussian']:.4g})")
+        else:
+            name = "ratio temperature" if kind == "temperature" else "inflation"
+            lines.append(f"{name} {r[kind]:.3g} fitted on {r['windows']} validation windows ({r['criterion']} "
+                         f"{min(r['score']):.4g}, at 1: {r['score_at_1']:.4g})")
+    return lines
+
+
 def _estimator_settings(cfg: RunConfig, label: str) -> tuple[type, dict[str, Any], dict[str, Any]]:
     """The class, hyperparameters and fit arguments of ``cfg.estimators[label]``: file defaults < run seed < run."""
     spec = cfg.estimators[label]
@@ -337,11 +351,10 @@ class Run:
                 self.log(f"{label}: resuming its interrupted training from {fit_state}")
             history, seconds = fit_from_state(est, train, val, fit, fit_state, resume, self.progress)
             est.save(ckpt)
-            calibration = getattr(est, "temperature_record", None)
-            if calibration:
-                self.log(f"{label}: ratio temperature {calibration['temperature']:.3g} fitted on "
-                         f"{calibration['windows']} validation windows ({calibration['criterion']} "
-                         f"{min(calibration['score']):.4g}, at 1: {calibration['score_at_1']:.4g})")
+            calibration = {k: r for k in ("temperature", "inflation", "tails")
+                           if (r := getattr(est, f"{k}_record", None))}
+            for line in _calibration_lines(calibration):
+                self.log(f"{label}: {line}")
             best = min(history["val_loss"]) if history["val_loss"] else None
             record[label] = {"kind": cls.__name__, "seconds": seconds, "epochs": len(history["epoch"]),
                              "best_val_loss": best, "history": history}

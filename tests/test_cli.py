@@ -75,7 +75,10 @@ def test_report_runs_every_stage_into_the_run_folder(tiny_run, capsys):
     assert set(metrics["methods"]) == {"npe", "coda", "oi"}
     assert metrics["methods"]["oi"]["type"] == "baseline" and metrics["methods"]["npe"]["type"] == "estimator"
     assert "coda:" in (tiny_run / "config.yaml").read_text()  # the override is in the resolved config
-    assert "report written" in (tiny_run / "log.txt").read_text()
+    log = (tiny_run / "log.txt").read_text()
+    assert "report written" in log and "npe: Student-t base of" in log  # NPE's tails, fitted after its fit
+    training = json.loads((tiny_run / "training.json").read_text())
+    assert training["npe"]["calibration"]["tails"]["tails"] >= 3
     from html.parser import HTMLParser
 
     class Rows(HTMLParser):
