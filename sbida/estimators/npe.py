@@ -301,12 +301,12 @@ class NPE(Estimator):
                 r2.append(z.double().square().sum(-1))
                 rest.append((ladj + log_jac).double())
         r2, rest = torch.cat(r2), torch.cat(rest)
-        radius = torch.cat([r2.sqrt()[:, None], r2.new_zeros(len(r2), self.event_size - 1)], 1)  # same |z|
+        centre = r2.new_zeros(1, self.event_size)
 
         def nll(log_nu: Tensor) -> Tensor:
             nu = log_nu.exp()
-            base = IsotropicStudentT(torch.zeros_like(radius), nu, ((nu - 2) / nu).sqrt())
-            return -(base.log_prob(radius) + rest).mean()
+            base = IsotropicStudentT(centre, nu, ((nu - 2) / nu).sqrt())
+            return -(base.log_prob_at_distance(r2) + rest).mean()
 
         bounds = (math.log(3.0), math.log(1e6))
         p = torch.tensor(math.log(30.0), dtype=torch.float64, requires_grad=True)

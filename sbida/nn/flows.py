@@ -264,9 +264,12 @@ class IsotropicStudentT(Distribution):
         return self.loc + (self.scale * (self.df / w).sqrt()).to(self.loc.dtype) * g
 
     def log_prob(self, value: Tensor) -> Tensor:
+        return self.log_prob_at_distance((value - self.loc).square().sum(-1))
+
+    def log_prob_at_distance(self, r2: Tensor) -> Tensor:
+        """The log-density of any point at squared distance ``r2`` (any shape) from the centre."""
         D, nu, c = self.event_shape[0], self.df, self.scale
         const = (torch.lgamma((nu + D) / 2) - torch.lgamma(nu / 2) - D / 2 * torch.log(nu * math.pi)
                  - D * torch.log(c))
-        r2 = (value - self.loc).square().sum(-1)
         tail = ((nu + D) / 2).to(r2.dtype) * torch.log1p(r2 / (nu * c * c).to(r2.dtype))
         return const.to(r2.dtype) - tail
