@@ -1,5 +1,5 @@
 """The benchmark suite: a tiny run of benchmarks/run.py, the MCMC reference against an exact posterior, the
-exponent fit of the scaling study and the ablation transforms."""
+exponent fit of the scaling study, the ablation transforms and a tiny run of benchmarks/inflation.py."""
 
 import functools
 import json
@@ -15,6 +15,7 @@ import sbida
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import ablations  # noqa: E402
+import inflation  # noqa: E402
 import linear_gaussian  # noqa: E402
 import reference  # noqa: E402
 import run as bench  # noqa: E402
@@ -339,3 +340,21 @@ def test_linear_gaussian_measure_passes_the_exact_posterior_and_fails_a_shifted_
     assert shifted["rmse_ratio"] > 1.15 and shifted["ece"] > 0.05 and shifted["auc"] > 0.65, shifted
     # the exact posterior's ECE on the windows (the noise floor) depends on the windows, not on the estimator
     assert exact["ece_exact"] < 0.05 and shifted["ece_exact"] == exact["ece_exact"], (exact, shifted)
+
+
+# -- inflation.py ------------------------------------------------------------------------------------------------------
+def test_inflation_script_scores_every_row(tmp_path, monkeypatch, capsys):
+    """A tiny run (K=8, seconds of training): every row is scored on the same test windows, the Gaussian rows with
+    the Gaussian base and the last two with the fitted tails; the JSON holds the fits."""
+    out = tmp_path / "infl.json"
+    monkeypatch.setattr(sys, "argv", ["inflation.py", "--K", "8", "--trajectories", "20", "--minutes", "0.02",
+                                      "--windows", "16", "--samples", "8", "--fit-windows", "16", "--factors", "1.1",
+                                      "--data", str(tmp_path / "l96.h5"), "--json", str(out)])
+    inflation.main()
+    d = json.loads(out.read_text())
+    rows = [r["row"] for r in d["rows"]]
+    assert rows[:4] == ["1", "coverage fit", "nll fit", "given"] and rows[4].startswith("tails nu=")
+    assert [r["tails"] for r in d["rows"]] == [None] * 4 + [d["tails"]["tails"]] * 2 and d["tails"]["tails"] >= 3
+    assert d["rows"][3]["inflation"] == 1.1 and d["rows"][1]["inflation"] == d["fits"]["coverage"]["inflation"]
+    assert all(len(r["coverage"]) == 19 for r in d["rows"]) and d["windows"] == 16 and len(d["spectrum"]) == 5
+    assert "spread/skill per wavenumber" in capsys.readouterr().out
