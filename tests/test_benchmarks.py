@@ -78,7 +78,8 @@ def test_point_mode_is_found_on_the_methods_that_have_one():
     task = sbida.tasks.get("lorenz96", K=8)
     est = sbida.estimators
     assert bench.has_point_mode(est.CODA(task)) and bench.has_point_mode(sbida.baselines.FourDVar.from_task(task))
-    assert not bench.has_point_mode(est.NPE(task)) and not bench.has_point_mode(sbida.baselines.OI.from_task(task))
+    assert bench.has_point_mode(est.NPE(task))  # the flow's centre
+    assert not bench.has_point_mode(est.NRE(task)) and not bench.has_point_mode(sbida.baselines.OI.from_task(task))
 
 
 def test_inapplicable_methods_are_skipped_with_the_class_reason():

@@ -97,6 +97,24 @@ def test_npe_c2st_against_exact_samples(lg, independent):
 
 
 @pytest.mark.slow
+def test_point_estimate_is_the_flow_centre_near_the_exact_mean(lg):
+    """``uncertainty="none"``: the flow's centre, one pass and no draws; on the linear-Gaussian task (a Gaussian
+    posterior) as accurate as the mean of 500 draws (within 2 %), and close to it."""
+    task, _, _, test, est, _ = lg
+    x, y, m, t, mean, _ = exact(task, test, torch.arange(0, len(test), 2))
+    point = est.posterior(y, m, t, uncertainty="none")
+    assert isinstance(point, sbida.posterior.PointPosterior) and point.mean().shape == x.shape
+    draws = est.posterior(y, m, t).sample(500, generator=torch.Generator().manual_seed(0)).mean(0)
+    rmse = {k: float((v.double() - x).pow(2).mean().sqrt()) for k, v in
+            (("point", point.mean()), ("draws", draws), ("exact", mean))}
+    assert rmse["point"] < 1.02 * rmse["draws"] and rmse["point"] < 1.15 * rmse["exact"], rmse
+    gap = float((point.mean().double() - draws.double()).pow(2).mean().sqrt())  # 0.05 x exact: the draws' noise
+    assert gap < 0.1 * rmse["exact"], (gap, rmse)
+    with pytest.raises(ValueError, match="uncertainty"):
+        est.posterior(y, m, t, uncertainty="laplace")
+
+
+@pytest.mark.slow
 def test_npe_log_score_is_close_to_the_exact_posterior(lg):
     """The mean log-density of the truth is below the exact posterior's (the best any density does), and close."""
     task, _, _, test, est, _ = lg

@@ -69,7 +69,7 @@ from zuko.distributions import NormalizingFlow
 from ..data import WindowDataset
 from ..diagnostics.coverage import coverage_curve, default_levels
 from ..nn import GridFlow, IsotropicStudentT, WindowEncoder, periodic_conv
-from ..posterior import DistributionPosterior, _seed_from
+from ..posterior import DistributionPosterior, PointPosterior, _seed_from
 from .base import Batch, Estimator
 
 __all__ = ["NPE"]
@@ -185,7 +185,17 @@ class NPE(Estimator):
         """Negative log-likelihood of the standardized states, averaged over the batch."""
         return -self.distribution(batch).log_prob(batch.x.flatten(1)).mean()
 
-    def make_posterior(self, batch: Batch, **kwargs: Any) -> DistributionPosterior:
+    def make_posterior(self, batch: Batch, uncertainty: str = "flow") -> DistributionPosterior | PointPosterior:
+        """The flow's posterior (``uncertainty="flow"``), or its centre as a point estimate (``"none"``): the image
+        ``f^{-1}(0)`` of the base's centre through the flow and the location-scale head, one pass per window and no
+        draws (the mean where the flow is affine; near the mean and the mode of a unimodal posterior)."""
+        if uncertainty not in ("flow", "none"):
+            raise ValueError(f"uncertainty must be 'flow' (the posterior) or 'none' (its centre), got {uncertainty!r}")
+        if uncertainty == "none":
+            flow, loc, scale = self._parts(batch)
+            x = self._centre(flow) if loc is None else loc + scale * self._centre(flow)
+            x = self.x_mean.reshape(-1) + self.x_std.reshape(-1) * x
+            return PointPosterior(x.reshape(len(batch.y), *self.state_shape))
         dist = self.distribution(batch, unstandardize=True, inflation=float(self.hparams["inflation"]))
         rows = int(self.hparams["sample_rows"])
         if self.hparams["flow"] == "grid":  # a conditioner's activation, rows x width x D / 2 values, kept near the
