@@ -22,7 +22,8 @@ Every row trains an estimator (hyperparameters from ``configs/estimators/<kind>.
 With ``--out DIR`` an interrupted run resumes where it stopped (the full budget takes hours per estimator): the
 simulated datasets are cached in ``DIR/data``, every finished row in ``DIR/rows.json`` (a later run with the same
 settings skips it), and every fit writes its training state after each epoch to ``DIR/checkpoints`` (resumed by the
-next run when its settings are the same, :func:`sbida.runs.resumable`; deleted once its row is recorded).
+next run when its settings are the same, :func:`sbida.runs.resumable`; deleted once its row is recorded), and the
+trained estimator of every row is kept in ``DIR/models`` (``sbida.estimators.load``), to be scored again later.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def without_mask(data: WindowDataset) -> WindowDataset:
 def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDataset, test: WindowDataset,
                     fit: dict, n_windows: int, n_samples: int, seed: int = 0, early: Tensor | None = None,
                     hparams: dict | None = None, checkpoint: str | Path | None = None,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, save: str | Path | None = None) -> dict:
     """Train one estimator on ``train`` and score it on ``n_windows`` random windows of ``test``.
 
     Args:
@@ -88,6 +89,7 @@ def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDatas
         checkpoint: the fit's training state, written after every epoch and resumed from when it holds an
             interrupted fit of the same settings (``seconds`` then counts the earlier sittings too).
         progress: progress bars of the fit and of the evaluation.
+        save: where to save the trained estimator (``None``: not saved).
 
     Returns:
         ``{"rmse", "nrmse", "crps", "spread_skill", "ece", "train_windows", "test_windows", "seconds"}`` (and
@@ -107,6 +109,9 @@ def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDatas
         t0 = time.perf_counter()
         est.fit(train, val, progress=progress, **fit_args)
         seconds = time.perf_counter() - t0
+    if save is not None:
+        Path(save).parent.mkdir(parents=True, exist_ok=True)
+        est.save(save)
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n_windows].sort().values
     r = evaluate(est, test, n_samples=n_samples, indices=idx, progress=progress, seed=seed)
     res = {"rmse": r.rmse, "nrmse": r.nrmse, "crps": r.crps, "spread_skill": r.spread_skill, "ece": r.coverage.ece,
@@ -218,7 +223,8 @@ def run(mode: str, estimators: list[str], only: list[str], seed: int = 0, K: int
             print(f"  {key}: {setting} {est}: recorded in {folder / 'rows.json'}", flush=True)
         else:
             checkpoint = None if folder is None else folder / "checkpoints" / f"{name}.fit.pt"
-            res = train_and_score(task, est, *splits, fit, **kw, early=early, checkpoint=checkpoint)
+            res = train_and_score(task, est, *splits, fit, **kw, early=early, checkpoint=checkpoint,
+                                  save=None if folder is None else folder / "models" / f"{name}.pt")
             if folder is not None:
                 done[name] = res
                 (folder / "rows.json").write_text(json.dumps({"settings": settings, "rows": done}, indent=1))

@@ -265,6 +265,9 @@ def test_ablations_resume_from_their_folder(tmp_path, monkeypatch):
     first = ablations.run("smoke", ["npe"], ["window"], K=8, windows=3, samples=8, out_dir=tmp_path)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [f"lorenz96-length{n}.h5" for n in (1, 10, 25, 5)]
     assert not list((tmp_path / "checkpoints").iterdir())  # deleted once their rows are recorded
+    models = sorted(p.name for p in (tmp_path / "models").iterdir())  # the trained estimators are kept
+    assert len(models) == 4 and all(m.endswith("-npe.pt") for m in models)
+    assert sbida.estimators.load(tmp_path / "models" / models[0]).fitted
     calls = []
     monkeypatch.setattr(ablations, "train_and_score", lambda *a, **k: calls.append(1))
     again = ablations.run("smoke", ["npe"], ["window"], K=8, windows=3, samples=8, out_dir=tmp_path)
