@@ -26,7 +26,7 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution
+from torch.distributions import Distribution, constraints
 from zuko.distributions import DiagNormal, NormalizingFlow
 from zuko.lazy import LazyTransform
 from zuko.transforms import (
@@ -233,6 +233,7 @@ class IsotropicStudentT(Distribution):
     """
 
     arg_constraints = {}
+    support = constraints.real_vector
     has_rsample = True
 
     def __init__(self, loc: Tensor, df: float | Tensor, scale: float | Tensor = 1.0):
