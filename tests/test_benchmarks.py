@@ -47,9 +47,13 @@ def test_smoke_run_on_linear_gaussian(tmp_path):
     assert json.loads((tmp_path / "benchmark.json").read_text())["rows"] == rec["rows"]
     table = bench.format_table(rec["rows"])
     assert len(table.splitlines()) == 4 and "C2ST" in table and "x4DVar" in table
-    # the point-estimate table: 4D-Var's analysis alone, the mean of its Gaussian posterior (the main table's RMSE is
-    # that of the mean of 32 samples of it: within a few per cent)
-    (point,) = rec["point_rows"]
+    # the point-estimate table: NPE's flow centre and 4D-Var's analysis alone, the mean of its Gaussian posterior (the
+    # main table's RMSE is that of the mean of 32 samples of it: within a few per cent)
+    points = {r["method"]: r for r in rec["point_rows"]}
+    assert set(points) == {"npe", "fourdvar"}
+    assert math.isfinite(points["npe"]["rmse"]) and points["npe"]["rmse"] > 0
+    assert points["npe"]["rmse_ratio_vs_4dvar"] == pytest.approx(points["npe"]["rmse"] / points["fourdvar"]["rmse"])
+    point = points["fourdvar"]
     assert point["method"] == "fourdvar" and point["rmse"] == pytest.approx(rows["fourdvar"]["rmse"], rel=0.05)
     assert point["speedup_vs_4dvar_analysis"] == pytest.approx(1.0) and point["rmse_ratio_vs_4dvar"] == 1.0
     assert point["speedup_vs_4dvar"] == pytest.approx(rows["fourdvar"]["seconds_per_window"]
