@@ -158,6 +158,12 @@ def test_fit_inflation_recovers_a_known_spread_error(lg):
         assert est.hparams["inflation"] == nll["inflation"]
         assert cov["score_at_1"] > 0.25 and min(cov["score"]) < 0.05, (cov["score_at_1"], min(cov["score"]))
         assert nll["score_at_1"] > min(nll["score"]) + 1.0  # nats per window
+        # the NLL criterion is the posterior's exact log-density of the truths, in the original units
+        est.hparams["inflation"] = 1.0
+        x, y, m, t = wide.get(torch.randperm(len(wide), generator=torch.Generator().manual_seed(0))[:512])
+        with torch.no_grad():
+            exact = -est.posterior(y, m, t).log_prob(x.float()).double().mean()
+        assert nll["score_at_1"] == pytest.approx(float(exact), rel=1e-4, abs=1e-3)
         # the fit's score at a factor is the coverage of the posterior built with that factor
         est.hparams["inflation"] = cov["inflation"]
         x, y, m, t = wide.get(torch.arange(0, len(wide), 4))
@@ -203,6 +209,11 @@ def test_fit_tails_recovers_known_tails(lg):
         assert plain["tails"] > 30 and 3.5 < fit["tails"] < 10, (plain, fit)
         assert fit["nll"] < fit["nll_gaussian"] - 1.0, fit  # nats per window
         assert est.hparams["tails"] == fit["tails"]
+        # the fit's NLL is the posterior's exact log-density of the truths with the fitted base, in original units
+        x, y, m, t = tailed.get(torch.randperm(len(tailed), generator=torch.Generator().manual_seed(0)))
+        with torch.no_grad():
+            exact = -est.posterior(y, m, t).log_prob(x.float()).double().mean()
+        assert fit["nll"] == pytest.approx(float(exact), rel=1e-4, abs=1e-3)
         x, y, m, t = tailed.get(torch.arange(0, len(tailed), 2))
         g = torch.Generator().manual_seed(1)
         with_tails = sbida.diagnostics.expected_coverage(est.posterior(y, m, t), x.float(), n_samples=256, generator=g)

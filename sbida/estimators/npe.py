@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -203,6 +203,23 @@ class NPE(Estimator):
         return DistributionPosterior(dist, self.state_shape, sample_batch=max(1, rows // len(batch.y)),
                                      dtype=self.dtype)
 
+    def _truths_in_flow_units(self, data: WindowDataset, idx: Tensor, chunk: int
+                              ) -> Iterator[tuple[Distribution, Tensor, Tensor]]:
+        """For the windows ``idx`` of ``data``, ``chunk`` at a time (no gradients): the flow of each chunk, its true
+        states in the flow's units at inflation 1, ``u = (x_std - loc) / scale`` ``(b, D)``, and the log-Jacobian
+        ``log |du/dx|`` ``(b,)`` from the original units (the inverse of the head's map and of the standardization;
+        :meth:`make_posterior`'s point estimate is the forward map of the flow's centre). Iterate under
+        ``torch.no_grad()``."""
+        for i in range(0, len(idx), chunk):
+            x, y, m, t = (a.to(self.device) for a in data.get(idx[i:i + chunk]))
+            batch = self.standardize(x, y, m, t)
+            flow, loc, scale = self._parts(batch)
+            u = batch.x.flatten(1)
+            log_jac = (-self.x_std.log().sum()).expand(len(u))
+            if loc is not None:
+                u, log_jac = (u - loc) / scale, log_jac - scale.log().sum(-1)
+            yield flow, u, log_jac
+
     def fit_inflation(self, data: WindowDataset, windows: int = 1024, samples: int = 256,
                       grid: Sequence[float] | Tensor | None = None, criterion: str = "coverage", seed: int = 0,
                       ) -> dict[str, Any]:
@@ -241,19 +258,12 @@ class NPE(Estimator):
         chunk = max(1, int(self.hparams["sample_rows"]) // max(samples, len(full)))
         per = []  # (S + 1, b) per chunk: credibility or negative log-likelihood of the truths
         with torch.no_grad():
-            for i in range(0, B, chunk):
-                x, y, m, t = (a.to(self.device) for a in data.get(idx[i:i + chunk]))
-                batch = self.standardize(x, y, m, t)
-                flow, loc, scale = self._parts(batch)
-                xt = batch.x.flatten(1)
-                u = xt if loc is None else (xt - loc) / scale  # the truth in the flow's units at s = 1
+            for flow, u, log_jac in self._truths_in_flow_units(data, idx, chunk):
                 centre = self._centre(flow)
                 s = full.to(u.dtype)[:, None, None]
                 lp_true = flow.log_prob(centre + (u - centre) / s).double()  # (S + 1, b)
                 if criterion == "nll":
-                    log_scale = self.x_std.log().sum().double() + (0.0 if scale is None else
-                                                                    scale.log().sum(-1).double())
-                    per.append(-(lp_true - u.shape[-1] * full[:, None].log() - log_scale))
+                    per.append(-(lp_true - u.shape[-1] * full[:, None].log() + log_jac.double()))
                 else:
                     with torch.random.fork_rng(devices=[]):  # the base's draws (Gaussian or Student-t), seeded
                         torch.manual_seed(_seed_from(gen))
@@ -298,18 +308,11 @@ class NPE(Estimator):
         chunk = max(1, int(self.hparams["sample_rows"]) // 64)
         r2, rest = [], []  # |z|^2 and the log-Jacobian of x -> z, per window
         with torch.no_grad():
-            for i in range(0, len(idx), chunk):
-                x, y, m, t = (a.to(self.device) for a in data.get(idx[i:i + chunk]))
-                batch = self.standardize(x, y, m, t)
-                flow, loc, scale = self._parts(batch)
-                u = batch.x.flatten(1)
-                log_jac = -self.x_std.log().sum() - u.shape[-1] * math.log(s)
-                if loc is not None:
-                    u, log_jac = (u - loc) / scale, log_jac - scale.log().sum(-1)
+            for flow, u, log_jac in self._truths_in_flow_units(data, idx, chunk):
                 centre = self._centre(flow)
                 z, ladj = flow.transform.call_and_ladj(centre + (u - centre) / s)
                 r2.append(z.double().square().sum(-1))
-                rest.append((ladj + log_jac).double())
+                rest.append((ladj + log_jac - u.shape[-1] * math.log(s)).double())
         r2, rest = torch.cat(r2), torch.cat(rest)
         centre = r2.new_zeros(1, self.event_size)
 
