@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, MultivariateNormal, Normal
 
+from .nn.flows import IsotropicStudentT
+
 __all__ = [
     "Posterior",
     "EnsemblePosterior",
@@ -36,6 +38,7 @@ __all__ = [
     "DistributionPosterior",
     "SamplerPosterior",
     "PointPosterior",
+    "fit_student_t",
 ]
 
 
@@ -153,19 +156,27 @@ class EnsemblePosterior(Posterior):
 
 
 class GaussianPosterior(Posterior):
-    """Gaussian posteriors ``N(mean_b, C_b)`` over flattened states.
+    r"""Gaussian posteriors ``N(mean_b, C_b)`` over flattened states, or Student-t ones of the same mean and covariance.
 
     Give exactly one of ``cov`` ``(B, D, D)``, ``scale_tril`` ``(B, D, D)`` (lower Cholesky factor) or ``std``
     ``(B, *state_shape)`` (independent marginals), with ``mean`` of shape ``(B, *state_shape)`` and
     ``D = prod(state_shape)``. Sampling and densities go through ``torch.distributions``.
+
+    With ``df`` (``nu > 2``), each window's distribution is the multivariate Student-t of ``nu`` degrees of freedom
+    with that mean and covariance, ``x = m + sqrt((nu - 2) / w) L g`` (``g ~ N(0, I)``, one ``w ~ chi^2_nu`` per
+    draw): the same ellipsoids, heavier tails (:class:`sbida.nn.IsotropicStudentT` of the whitened state; fit
+    ``nu`` with :func:`fit_student_t`). ``df=None`` is the Gaussian.
     """
 
     has_log_prob = True
 
     def __init__(self, mean: Tensor, cov: Tensor | None = None, scale_tril: Tensor | None = None,
-                 std: Tensor | None = None):
+                 std: Tensor | None = None, df: float | None = None):
         if sum(a is not None for a in (cov, scale_tril, std)) != 1:
             raise ValueError("give exactly one of cov, scale_tril or std")
+        if df is not None and not (math.isfinite(float(df)) and float(df) > 2):
+            raise ValueError(f"df must be a finite number > 2 (the covariance is infinite at 2) or None, got {df}")
+        self.df = None if df is None else float(df)
         if mean.dim() < 2:
             raise ValueError(f"mean must be (B, *state_shape), got shape {tuple(mean.shape)}")
         if not torch.isfinite(mean).all():
@@ -198,6 +209,13 @@ class GaussianPosterior(Posterior):
         n = self._check_n(n)
         B, D = self.batch_size, self.event_size
         z = torch.randn(n, B, D, generator=generator, dtype=self._mean.dtype, device=self._mean.device)
+        if self.df is not None:  # one chi^2 scale per draw (seeded from the generator)
+            with torch.random.fork_rng(devices=[] if self._mean.device.type == "cpu" else [self._mean.device]):
+                seed = _seed_from(generator)
+                if seed is not None:
+                    torch.manual_seed(seed)
+                w = torch.distributions.Chi2(torch.tensor(self.df, dtype=torch.float64)).sample((n, B, 1))
+            z = z * ((self.df - 2) / w).sqrt().to(z)
         if isinstance(self.dist, MultivariateNormal):
             # einsum, not a broadcast matmul: that one expands the factors to (n, B, D, D) first (50x slower)
             x = self.dist.loc + torch.einsum("bij,nbj->nbi", self.dist.scale_tril, z)
@@ -218,7 +236,68 @@ class GaussianPosterior(Posterior):
         return torch.diag_embed(self._std.reshape(self.batch_size, -1).square())
 
     def log_prob(self, x: Tensor) -> Tensor:
-        return self.dist.log_prob(self._check_x(x).to(self._mean.dtype))
+        lp = self.dist.log_prob(self._check_x(x).to(self._mean.dtype))
+        if self.df is None:
+            return lp
+        at_mean = self.dist.log_prob(self.dist.mean)  # -log det L - D/2 log(2 pi)
+        r2 = (2 * (at_mean.double() - lp.double())).clamp_min(0)  # the squared whitened distance to the mean
+        D, nu = self.event_size, self.df
+        whitened = IsotropicStudentT(r2.new_zeros(1, D), nu, math.sqrt((nu - 2) / nu)).log_prob_at_distance(r2)
+        return (whitened + at_mean.double() + D / 2 * math.log(2 * math.pi)).to(lp.dtype)
+
+    def mahalanobis(self, x: Tensor) -> Tensor:
+        """Squared Mahalanobis distances ``(..., B)`` of states ``x`` ``(..., B, *state_shape)`` under the
+        covariance (Gaussian or not): what :func:`fit_student_t` fits ``nu`` on."""
+        x = self._check_x(x).to(self._mean.dtype)
+        return (2 * (self.dist.log_prob(self.dist.mean).double() - self.dist.log_prob(x).double())).clamp_min(0)
+
+
+def fit_student_t(r2: Tensor, dim: int, log_jac: Tensor | float = 0.0, scale: bool = False,
+                  df_bounds: tuple[float, float] = (3.0, 1e6)) -> dict[str, float]:
+    r"""Fit the degrees of freedom ``nu`` (and, with ``scale``, a factor ``c`` on the spread) of a unit-covariance
+    Student-t to held-out truths, by their likelihood.
+
+    The truths enter through their squared whitened distances ``r2`` ``(N,)`` to their posteriors' centres (e.g.
+    :meth:`GaussianPosterior.mahalanobis`, or ``|z|^2`` in a flow's base space): the density of a whitened truth
+    under ``c x`` a unit-covariance t of ``nu`` degrees of freedom in ``dim`` dimensions is a function of
+    ``r2 / c^2`` only. ``log_jac`` ``(N,)`` (or a number): the log-Jacobian from the original units to the whitened
+    ones, added so that the NLLs are those of the truths in original units. L-BFGS in float64 on ``log nu``
+    (within ``df_bounds``: at 2 the variance is infinite, 10^6 is Gaussian) and ``log c``.
+
+    Returns:
+        ``{"df", "scale", "nll", "nll_gaussian", "windows"}``: the fitted ``nu`` and ``c`` (1 without ``scale``),
+        and the mean negative log-likelihood of the truths (nats per window) under the fitted t and under the
+        Gaussian of the same covariance (``c = 1``).
+    """
+    r2 = torch.as_tensor(r2, dtype=torch.float64).reshape(-1).detach()
+    if len(r2) < 2 or not torch.isfinite(r2).all() or (r2 < 0).any():
+        raise ValueError(f"r2 must hold at least 2 finite squared distances >= 0, got {len(r2)} values")
+    rest = torch.as_tensor(log_jac, dtype=torch.float64).detach()
+    lo, hi = math.log(df_bounds[0]), math.log(df_bounds[1])
+    centre = r2.new_zeros(1, dim)
+
+    def nll(p: Tensor) -> Tensor:
+        nu, log_c = p[0].clamp(lo, hi).exp(), (p[1] if scale else p[1].detach() * 0)
+        base = IsotropicStudentT(centre, nu, ((nu - 2) / nu).sqrt())
+        return -(base.log_prob_at_distance(r2 / (2 * log_c).exp()) - dim * log_c + rest).mean()
+
+    p = torch.tensor([math.log(30.0), 0.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([p], lr=1.0, max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = nll(p)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        fitted = float(nll(p))
+    gaussian = float(-(-r2 / 2 - dim / 2 * math.log(2 * math.pi) + rest).mean())
+    return {"df": float(p[0].detach().clamp(lo, hi).exp()), "scale": float(p[1].detach().exp()) if scale else 1.0,
+            "nll": fitted, "nll_gaussian": gaussian, "windows": len(r2)}
 
 
 class DistributionPosterior(Posterior):

@@ -220,10 +220,15 @@ def fit_from_state(est, train, val, fit: dict, fit_state: str | Path, resume: bo
 
 
 def _calibration_lines(records: dict[str, dict]) -> list[str]:
-    """One line per calibration fit made at the end of a fit (NRE's temperature, NPE's inflation and tails)."""
+    """One line per calibration fit made at the end of a fit (NRE's temperature, NPE's inflation and tails,
+    ComposedScore's Gaussian mode)."""
     lines = []
     for kind, r in records.items():
-        if kind == "tails":
+        if kind == "gaussian":
+            lines.append(f"mode 'gaussian' calibrated on {r['windows']} validation windows: spread x{r['scale']:.4g}, "
+                         f"Student-t of {r['tails']:.3g} degrees of freedom (NLL {r['nll']:.4g} nats per window, "
+                         f"uncalibrated {r['nll_gaussian']:.4g})")
+        elif kind == "tails":
             lines.append(f"Student-t base of {r['tails']:.3g} degrees of freedom fitted on {r['windows']} validation "
                          f"windows (NLL {r['nll']:.4g} nats per window, Gaussian base {r['nll_gaussian']:.4g})")
         else:
@@ -351,7 +356,7 @@ class Run:
                 self.log(f"{label}: resuming its interrupted training from {fit_state}")
             history, seconds = fit_from_state(est, train, val, fit, fit_state, resume, self.progress)
             est.save(ckpt)
-            calibration = {k: r for k in ("temperature", "inflation", "tails")
+            calibration = {k: r for k in ("temperature", "inflation", "tails", "gaussian")
                            if (r := getattr(est, f"{k}_record", None))}
             for line in _calibration_lines(calibration):
                 self.log(f"{label}: {line}")

@@ -227,3 +227,17 @@ def test_a_change_of_sampler_settings_resumes_the_training_and_a_change_of_netwo
     assert run._resumable(state, cls(run.task, **{**hp, "smc_moves": 7, "proposal": "reference"}), fit)
     assert not run._resumable(state, cls(run.task, **{**hp, "channels": 16}), fit)
     assert not run._resumable(state, cls(run.task, **hp), {**fit, "epochs": 2})
+
+
+def test_calibration_lines_name_every_kind_of_fit():
+    """The run log's line for each calibration fit made at the end of a fit."""
+    from sbida.runs import _calibration_lines
+
+    lines = _calibration_lines({
+        "gaussian": {"scale": 1.0765, "tails": 43.4, "nll": 72.29, "nll_gaussian": 72.67, "windows": 4096},
+        "tails": {"tails": 39.6, "nll": 58.96, "nll_gaussian": 59.21, "windows": 4096},
+        "temperature": {"temperature": 0.6, "criterion": "coverage", "score": [0.05, 0.02], "score_at_1": 0.1,
+                        "windows": 128}})
+    assert lines[0] == ("mode 'gaussian' calibrated on 4096 validation windows: spread x1.077, Student-t of 43.4 "
+                        "degrees of freedom (NLL 72.29 nats per window, uncalibrated 72.67)")
+    assert lines[1].startswith("Student-t base of 39.6 degrees of freedom") and "ratio temperature 0.6" in lines[2]

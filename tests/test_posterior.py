@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from scipy.stats import multivariate_normal
+from scipy.stats import chi2, f, kstest, multivariate_normal, multivariate_t
 from scipy.stats import norm as scipy_norm
 
 from sbida.posterior import (
@@ -13,6 +13,7 @@ from sbida.posterior import (
     PointPosterior,
     Posterior,
     SamplerPosterior,
+    fit_student_t,
 )
 
 
@@ -58,6 +59,76 @@ def test_gaussian_shapes_moments_and_density(form):
     assert np.allclose(lp.numpy(), ref, atol=1e-8)
     # the same generator state gives the same samples
     assert torch.equal(post.sample(7, generator=gen(3)), post.sample(7, generator=gen(3)))
+
+
+@pytest.mark.parametrize("form", ["cov", "scale_tril", "std"])
+def test_student_t_posterior_has_the_covariance_and_scipy_density(form):
+    """``df=nu``: scipy's multivariate t with shape ``cov (nu - 2) / nu`` (the same covariance), draws with that
+    covariance whose squared Mahalanobis distances follow ``D (nu - 2) / nu F(D, nu)``, reproducible draws."""
+    B, shape, D, nu = 2, (2, 3), 6, 5.0
+    mean = torch.randn(B, *shape, dtype=torch.float64, generator=gen(1))
+    cov = random_cov(B, D)
+    if form == "std":
+        cov = torch.diag_embed(cov.diagonal(dim1=1, dim2=2))
+        post = GaussianPosterior(mean, std=cov.diagonal(dim1=1, dim2=2).sqrt().reshape(B, *shape), df=nu)
+    elif form == "cov":
+        post = GaussianPosterior(mean, cov=cov, df=nu)
+    else:
+        post = GaussianPosterior(mean, scale_tril=torch.linalg.cholesky(cov), df=nu)
+    assert torch.equal(post.mean(), mean) and torch.allclose(post.covariance(), cov)
+    s = post.sample(40000, generator=gen(2))
+    flat = s.reshape(40000, B, D)
+    emp = torch.stack([torch.cov(flat[:, b].T) for b in range(B)])
+    assert torch.allclose(emp, cov, atol=0.1), (emp - cov).abs().max()
+    r2 = post.mahalanobis(s[:4000])
+    ref_r2 = torch.einsum("nbi,bij,nbj->nb", flat[:4000] - mean.reshape(B, D), torch.linalg.inv(cov),
+                          flat[:4000] - mean.reshape(B, D))
+    assert torch.allclose(r2, ref_r2, rtol=1e-6, atol=1e-8)
+    for b in range(B):
+        assert kstest(r2[:, b].numpy() / (D * (nu - 2) / nu), f(D, nu).cdf).pvalue > 1e-3
+        # the Gaussian's radii would be chi^2_D: the t's are not
+        assert kstest(r2[:, b].numpy(), chi2(D).cdf).pvalue < 1e-6
+    x = s[:5]
+    ref = np.stack([multivariate_t(mean[b].flatten().numpy(), cov[b].numpy() * (nu - 2) / nu, df=nu).logpdf(
+        x[:, b].reshape(5, D).numpy()) for b in range(B)], 1)
+    assert np.allclose(post.log_prob(x).numpy(), ref, atol=1e-8)
+    assert torch.equal(post.sample(7, generator=gen(3)), post.sample(7, generator=gen(3)))
+    assert not torch.equal(post.sample(7, generator=gen(3)), post.sample(7, generator=gen(4)))
+
+
+def test_student_t_posterior_errors():
+    mean = torch.zeros(2, 3)
+    for df in (2.0, 1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="df must be"):
+            GaussianPosterior(mean, std=torch.ones(2, 3), df=df)
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_fit_student_t_recovers_the_degrees_of_freedom_and_the_spread(scale):
+    """Whitened truths drawn from c x a unit-covariance t of 6 degrees of freedom in 20 dimensions (c = 1.2 where
+    the scale is fitted, else 1): the fit finds both, and the NLLs are the truths' exact ones."""
+    D, nu, c, N = 20, 6.0, (1.2 if scale else 1.0), 20000
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(N, D, generator=g, dtype=torch.float64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        w = torch.distributions.Chi2(torch.tensor(nu, dtype=torch.float64)).sample((N, 1))
+    x = c * ((nu - 2) / w).sqrt() * z
+    r2 = x.square().sum(-1)
+    fit = fit_student_t(r2, D, log_jac=0.5, scale=scale)
+    assert 5.4 < fit["df"] < 6.6 and fit["scale"] == pytest.approx(c, rel=0.02), fit
+    assert fit["windows"] == N
+    shape = np.eye(D) * fit["scale"] ** 2 * (fit["df"] - 2) / fit["df"]
+    exact = -(torch.tensor(multivariate_t(np.zeros(D), shape, df=fit["df"]).logpdf(x.numpy())) + 0.5).mean()
+    assert fit["nll"] == pytest.approx(float(exact), rel=1e-6)
+    gauss = -(torch.tensor(multivariate_normal(np.zeros(D), np.eye(D)).logpdf(x.numpy())) + 0.5).mean()
+    assert fit["nll_gaussian"] == pytest.approx(float(gauss), rel=1e-9)
+    assert fit["nll"] < fit["nll_gaussian"] - 1.0
+    # Gaussian truths: tails near the upper bound
+    gauss_fit = fit_student_t(torch.randn(N, D, generator=g, dtype=torch.float64).square().sum(-1), D, scale=scale)
+    assert gauss_fit["df"] > 200, gauss_fit
+    with pytest.raises(ValueError, match="r2"):
+        fit_student_t(torch.tensor([1.0, float("nan")]), D)
 
 
 def test_gaussian_errors():

@@ -93,8 +93,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data import WindowDataset
 from ..nn import ResBlock, SinusoidalEmbedding, WindowEncoder, periodic_conv
-from ..posterior import GaussianPosterior, SamplerPosterior
+from ..posterior import GaussianPosterior, SamplerPosterior, fit_student_t
 from .base import Batch, Estimator
 from .score import ScoreNet, _check_sampler_options, chunked_sampler, pass_rows
 from .sde import CosineSchedule, dsm_loss, sample_vp
@@ -272,7 +273,12 @@ class ComposedScore(Estimator):
     ``residual`` (composed mode: the network predicts the residual from its Gaussian
     head's noise); ``window_nll`` (composed mode: weight of the heads' negative log-likelihood composed over whole
     training windows, :meth:`window_nll`). A model trained in composed mode also samples in guided mode (its prior
-    score) and, as the closed-form composition of its Gaussian heads, in mode ``"gaussian"``.
+    score) and, as the closed-form composition of its Gaussian heads, in mode ``"gaussian"``; ``posterior_mode``
+    (``None``: the training mode) is the mode of :meth:`posterior` when no ``mode`` is given. The calibration of
+    mode ``"gaussian"``: ``gaussian_scale`` (a factor on its spread) and ``gaussian_tails`` (``None``, or the
+    degrees of freedom ``nu > 2`` of a Student-t of the same mean and covariance), fitted on held-out windows by
+    :meth:`fit_gaussian`, at the end of :meth:`fit` when ``gaussian_fit`` is set and ``fit`` has validation windows
+    (``gaussian_windows`` of them; composed mode only).
 
     Args:
         task: the task (its simulator is kept, unregistered, for guidance through the dynamics).
@@ -286,7 +292,12 @@ class ComposedScore(Estimator):
         "channels": 32, "depth": 2, "kernel_size": 5, "features": 64, "emb_features": 32,
         "unet_channels": [16, 32], "blocks": 1, "steps": None, "corrections": None, "tau": 0.4,
         "sigma_min": 1e-3, "mu_min": 2e-2, "sample_rows": 8192, "residual": True, "window_nll": 1.0,
+        "posterior_mode": None, "gaussian_scale": 1.0, "gaussian_tails": None, "gaussian_fit": True,
+        "gaussian_windows": 4096,
     }
+    # settings of the posterior only, not of the training (a changed one does not restart an interrupted fit)
+    sampler_hparams = frozenset({"steps", "corrections", "tau", "sample_rows", "posterior_mode", "gaussian_scale",
+                                 "gaussian_tails", "gaussian_fit", "gaussian_windows"})
     # models saved before the residual parametrization and before the window loss of the heads
     legacy_hparams = {"residual": False, "window_nll": 0.0}
 
@@ -312,6 +323,14 @@ class ComposedScore(Estimator):
             raise ValueError(f"guidance must be 'sda', 'tweedie' or 'auto', got {h['guidance']!r}")
         if not 0 <= h["p_drop"] <= 1:
             raise ValueError(f"p_drop must be in [0, 1], got {h['p_drop']}")
+        if h["posterior_mode"] not in (None, "composed", "guided", "gaussian") or (
+                h["mode"] == "guided" and h["posterior_mode"] not in (None, "guided")):
+            raise ValueError(f"posterior_mode must be None, 'guided' or (composed mode) 'composed' or 'gaussian', got "
+                             f"{h['posterior_mode']!r} for mode {h['mode']!r}")
+        if not (math.isfinite(float(h["gaussian_scale"])) and float(h["gaussian_scale"]) > 0):
+            raise ValueError(f"gaussian_scale must be a finite number > 0, got {h['gaussian_scale']}")
+        if h["gaussian_tails"] is not None and not float(h["gaussian_tails"]) > 2:
+            raise ValueError(f"gaussian_tails must be None or a number > 2, got {h['gaussian_tails']}")
         self.schedule = CosineSchedule(h["sigma_min"], h["mu_min"])
         C = h["channels"]
         if h["mode"] == "composed":
@@ -536,20 +555,23 @@ class ComposedScore(Estimator):
 
     def make_posterior(self, batch: Batch, steps: int | None = None, corrections: int | None = None,
                        tau: float | None = None, correction: str | None = None, gamma: float | None = None,
-                       guidance: str | None = None, mode: str | None = None) -> SamplerPosterior:
+                       guidance: str | None = None, mode: str | None = None, calibrated: bool = True,
+                       ) -> SamplerPosterior | GaussianPosterior:
         """A :class:`~sbida.posterior.SamplerPosterior` of the windows (no ``log_prob``); with ``mode="gaussian"``
         (composed-mode models) the :class:`~sbida.posterior.GaussianPosterior` of the Gaussian heads composed over
         the window in closed form (precision ``sum_k P_k - (T - 1) P_0``, information likewise): no diffusion, with
-        ``log_prob``, and what the composed sampler of a residual network draws where its network outputs zero."""
+        ``log_prob``, and what the composed sampler of a residual network draws where its network outputs zero;
+        ``calibrated``: with the fitted ``gaussian_scale`` and ``gaussian_tails`` (:meth:`fit_gaussian`). ``mode``
+        defaults to ``posterior_mode``, else the training mode."""
         _check_sampler_options(steps, corrections, tau)
         h = self.hparams
         lags = self._call_lags if self._call_lags is not None else self.lags
-        mode = h["mode"] if mode is None else mode
+        mode = (h["posterior_mode"] or h["mode"]) if mode is None else mode
         if mode not in ("composed", "guided", "gaussian") or (mode != "guided" and h["mode"] == "guided"):
             raise ValueError(f"mode must be 'guided' or (for a model trained in composed mode) 'composed' or "
                              f"'gaussian', got {mode!r} for a model trained in {h['mode']!r} mode")
         if mode == "gaussian":
-            return self._head_posterior(batch, lags)
+            return self._head_posterior(batch, lags, calibrated)
         default_steps, default_corrections = SAMPLER_DEFAULTS[mode]
         steps = int(steps if steps is not None else h["steps"] if h["steps"] is not None else default_steps)
         corrections = int(corrections if corrections is not None else
@@ -619,17 +641,63 @@ class ComposedScore(Estimator):
         P0 = self.full_precision(logvar[T * B:], V[T])
         return tt, ctx, vec, mean, logvar, torch.cat([P0 + V[:T].mT @ V[:T], P0[None]])
 
-    def _head_posterior(self, batch: Batch, lags: Sequence[int]) -> GaussianPosterior:
-        """The Gaussian heads composed over each window (mode ``"gaussian"``, see :meth:`make_posterior`)."""
+    def _head_posterior(self, batch: Batch, lags: Sequence[int], calibrated: bool = True) -> GaussianPosterior:
+        """The Gaussian heads composed over each window (mode ``"gaussian"``, see :meth:`make_posterior`); if
+        ``calibrated``, its spread times ``gaussian_scale`` and its tails those of ``gaussian_tails``."""
         B, T = batch.y.shape[:2]
         _, _, _, mean, logvar, full = self._heads(batch, lags)
         m, P = self.compose_heads(mean, logvar, full, B, T)
-        sd = self.x_std.flatten()
-        m = (m * sd + self.x_mean.flatten()).reshape(B, *self.state_shape)
+        sd = self.x_std.flatten() * (float(self.hparams["gaussian_scale"]) if calibrated else 1.0)
+        df = self.hparams["gaussian_tails"] if calibrated else None
+        m = (m * self.x_std.flatten() + self.x_mean.flatten()).reshape(B, *self.state_shape)
         if P.dim() == 3:
             cov = torch.linalg.inv(P)
-            return GaussianPosterior(m, cov=0.5 * (cov + cov.mT) * sd[:, None] * sd[None])
-        return GaussianPosterior(m, std=(P.rsqrt() * sd).reshape(B, *self.state_shape))
+            return GaussianPosterior(m, cov=0.5 * (cov + cov.mT) * sd[:, None] * sd[None], df=df)
+        return GaussianPosterior(m, std=(P.rsqrt() * sd).reshape(B, *self.state_shape), df=df)
+
+    def fit_gaussian(self, data: WindowDataset, windows: int = 4096, seed: int = 0) -> dict[str, Any]:
+        r"""Fit the calibration of mode ``"gaussian"`` on held-out windows and set it (``hparams["gaussian_scale"]``
+        and ``hparams["gaussian_tails"]``, saved with the model): a factor ``c`` on the spread of the composed
+        Gaussian and the degrees of freedom ``nu`` of a Student-t of that covariance, by the likelihood of the true
+        states of ``windows`` windows of ``data`` (not training windows) under the uncalibrated composition
+        (:func:`~sbida.posterior.fit_student_t` on their squared Mahalanobis distances).
+
+        The heads are trained on single observations and their errors add up over the ``T`` of a window, so the
+        composition's spread is off by a factor, and by one that varies from window to window (heavier tails).
+
+        Returns:
+            ``{"scale", "tails", "nll", "nll_gaussian", "windows"}``: the fitted ``c`` and ``nu`` and the mean
+            negative log-likelihood of the truths (nats per window, original units), calibrated and not.
+        """
+        if self.hparams["mode"] != "composed":
+            raise ValueError("fit_gaussian needs a model trained in composed mode (its Gaussian heads)")
+        if not isinstance(data, WindowDataset) or len(data) == 0:
+            raise ValueError(f"data must be a non-empty WindowDataset, got {data!r}")
+        if windows < 2:
+            raise ValueError(f"need windows >= 2, got {windows}")
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:windows]
+        was_training = self.training
+        r2, log_jac = [], []
+        with torch.no_grad():
+            for i in range(0, len(idx), 256):
+                x, y, m, t = data.get(idx[i:i + 256])
+                post = self.posterior(y, m, t, mode="gaussian", calibrated=False)
+                r2.append(post.mahalanobis(x))
+                # log |dz/dx| of the whitening z = L^-1 (x - mean): the log-density at the mean + D/2 log 2 pi
+                log_jac.append(post.log_prob(post.mean()).double() + self.event_size / 2 * math.log(2 * math.pi))
+        fit = fit_student_t(torch.cat(r2), self.event_size, torch.cat(log_jac), scale=True)
+        self.hparams.update(gaussian_scale=fit["scale"], gaussian_tails=fit["df"])
+        self.train(was_training)
+        return {"scale": fit["scale"], "tails": fit["df"], "nll": fit["nll"], "nll_gaussian": fit["nll_gaussian"],
+                "windows": fit["windows"]}
+
+    def after_fit(self, train: WindowDataset, val: WindowDataset | None, seed: int, progress: bool = False) -> None:
+        """After :meth:`fit` of a composed-mode model: :meth:`fit_gaussian` on ``val`` when ``gaussian_fit`` is set
+        (nothing without ``val``); the result is kept in ``gaussian_record``."""
+        self.gaussian_record = None
+        h = self.hparams
+        if h["mode"] == "composed" and h["gaussian_fit"] and val is not None and len(val) > 0:
+            self.gaussian_record = self.fit_gaussian(val, windows=int(h["gaussian_windows"]), seed=seed)
 
     def _composed(self, batch: Batch, lags: Sequence[int], correction: str):
         """``n -> eps_fn`` of the composed score of ``n`` samples per window."""

@@ -69,7 +69,7 @@ from zuko.distributions import NormalizingFlow
 from ..data import WindowDataset
 from ..diagnostics.coverage import coverage_curve, default_levels
 from ..nn import GridFlow, IsotropicStudentT, WindowEncoder, periodic_conv
-from ..posterior import DistributionPosterior, PointPosterior, _seed_from
+from ..posterior import DistributionPosterior, PointPosterior, _seed_from, fit_student_t
 from .base import Batch, Estimator
 
 __all__ = ["NPE"]
@@ -313,35 +313,11 @@ class NPE(Estimator):
                 z, ladj = flow.transform.call_and_ladj(centre + (u - centre) / s)
                 r2.append(z.double().square().sum(-1))
                 rest.append((ladj + log_jac - u.shape[-1] * math.log(s)).double())
-        r2, rest = torch.cat(r2), torch.cat(rest)
-        centre = r2.new_zeros(1, self.event_size)
-
-        def nll(log_nu: Tensor) -> Tensor:
-            nu = log_nu.exp()
-            base = IsotropicStudentT(centre, nu, ((nu - 2) / nu).sqrt())
-            return -(base.log_prob_at_distance(r2) + rest).mean()
-
-        bounds = (math.log(3.0), math.log(1e6))
-        p = torch.tensor(math.log(30.0), dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([p], lr=1.0, max_iter=100, tolerance_grad=1e-9, tolerance_change=1e-12,
-                                line_search_fn="strong_wolfe")
-
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = nll(p.clamp(*bounds))
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            opt.step(closure)
-        log_nu = p.detach().clamp(*bounds)
-        with torch.no_grad():
-            fitted = float(nll(log_nu))
-        gaussian = float(-(-r2 / 2 - self.event_size / 2 * math.log(2 * math.pi) + rest).mean())
-        nu = float(log_nu.exp())
+        fit = fit_student_t(torch.cat(r2), self.event_size, torch.cat(rest))
+        nu = fit["df"]
         self.hparams["tails"] = nu
         self.train(was_training)
-        return {"tails": nu, "nll": fitted, "nll_gaussian": gaussian, "windows": len(idx)}
+        return {"tails": nu, "nll": fit["nll"], "nll_gaussian": fit["nll_gaussian"], "windows": len(idx)}
 
     def after_fit(self, train: WindowDataset, val: WindowDataset | None, seed: int, progress: bool = False) -> None:
         """After :meth:`fit`: :meth:`fit_inflation` on ``val`` when ``inflation_fit`` names a criterion, then
