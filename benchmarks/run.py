@@ -14,6 +14,9 @@ Point estimates, a second table: the methods with a sample-free point estimate (
 "none")``: CODA's analysis, 4D-Var's L-BFGS analysis without its covariance) are timed on the same windows, batched as
 in the evaluation (the faster of two passes), against 4D-Var's analysis and against 4D-Var with its covariance.
 
+A ComposedScore trained in composed mode has a second row, ``LABEL-gaussian``: its Gaussian heads composed in
+closed form with their fitted calibration (``posterior(..., mode="gaussian")``), from the same training.
+
 References for C2ST: the exact Kalman posterior on ``linear-gaussian``; the tempered SMC reference of
 ``benchmarks/reference.py`` (cached in ``--reference-cache``) on ``lorenz96`` with K=8.
 
@@ -242,6 +245,24 @@ def _time_one_window(method, test, index: int, n: int = 1000, seed: int = 0) -> 
     return time.perf_counter() - start
 
 
+class PosteriorMode:
+    """An estimator's posterior in another of its modes, as a method of its own (a row of the table):
+    ``posterior(y, mask, t)`` is ``estimator.posterior(y, mask, t, mode=mode)``."""
+
+    def __init__(self, estimator, mode: str):
+        self.estimator, self.mode = estimator, mode
+
+    def posterior(self, y, mask, t, **kwargs):
+        return self.estimator.posterior(y, mask, t, mode=self.mode, **kwargs)
+
+
+def _has_gaussian_mode(method) -> bool:
+    """A ComposedScore trained in composed mode whose default posterior is not already its closed form."""
+    h = getattr(method, "hparams", {})
+    return (type(method).__name__ == "ComposedScore" and h.get("mode") == "composed"
+            and h.get("posterior_mode") != "gaussian")
+
+
 def has_point_mode(method) -> bool:
     """Whether ``method`` gives a point estimate without samples or covariance: ``posterior(..., uncertainty="none")``
     (CODA, 4D-Var)."""
@@ -333,6 +354,10 @@ def run_benchmark(task: str, out: str | Path, mode: str = "full", estimators: li
         run.log(f"{name}: skipped ({why})")
     wall = time.perf_counter()
     methods, seconds = run.methods()
+    for label, method in list(methods.items()):  # ComposedScore's closed form too: one more row, no more training
+        if _has_gaussian_mode(method):
+            methods[f"{label}-gaussian"] = PosteriorMode(method, "gaussian")
+            seconds[f"{label}-gaussian"] = seconds.get(label)
     _, _, test = run.splits()
     ev = cfg.evaluation
     N = len(test)
@@ -351,7 +376,7 @@ def run_benchmark(task: str, out: str | Path, mode: str = "full", estimators: li
         one_window[label] = _time_one_window(method, test, int(idx[0]), n=timing_samples, seed=seed) \
             * 1000 / timing_samples
         run.log(f"  {results[label]}")
-    kinds = {lb: "estimator" for lb in cfg.estimators} | {lb: "baseline" for lb in cfg.baselines}
+    kinds = {lb: "baseline" if lb in cfg.baselines else "estimator" for lb in methods}
     metrics = {"run": cfg.name, "task": run.task.name, "seed": seed, "dataset": "data.json", "n_windows": len(idx),
                "reference": ref_label,
                "methods": {lb: {"type": kinds[lb], "training_seconds": seconds.get(lb), **r.to_dict()}

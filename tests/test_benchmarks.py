@@ -366,3 +366,20 @@ def test_inflation_script_scores_every_row(tmp_path, monkeypatch, capsys):
     assert d["rows"][3]["inflation"] == 1.1 and d["rows"][1]["inflation"] == d["fits"]["coverage"]["inflation"]
     assert all(len(r["coverage"]) == 19 for r in d["rows"]) and d["windows"] == 16 and len(d["spectrum"]) == 5
     assert "spread/skill per wavenumber" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_composed_score_has_a_row_of_its_closed_form(tmp_path):
+    """A ComposedScore trained in composed mode gives two rows from one training: its diffusion sampler and its
+    calibrated Gaussian heads composed in closed form (with a log-density: highest-density coverage)."""
+    rec = bench.run_benchmark("linear-gaussian", tmp_path, "smoke", estimators=["composed"], baselines=["oi"],
+                              task_overrides={"simulator": {"K": 8}}, progress=False, echo=False)
+    rows = {r["method"]: r for r in rec["rows"]}
+    assert set(rows) == {"composed", "composed-gaussian", "oi"}
+    assert rows["composed-gaussian"]["type"] == "estimator"
+    assert rows["composed-gaussian"]["training_seconds"] == rows["composed"]["training_seconds"] > 0
+    assert rows["composed-gaussian"]["coverage_method"] == "hpd" and rows["composed"]["coverage_method"] == "distance"
+    assert math.isfinite(rows["composed-gaussian"]["rmse"]) and rows["composed-gaussian"]["c2st_auc"] is not None
+    training = json.loads((tmp_path / "training.json").read_text())
+    assert training["composed"]["calibration"]["gaussian"]["scale"] > 0
+    assert "composed-gaussian" in (tmp_path / "report.html").read_text()
