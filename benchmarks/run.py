@@ -452,7 +452,8 @@ COLUMNS = [("rmse", "RMSE", "{:.4g}"), ("nrmse", "nRMSE", "{:.4g}"), ("crps", "C
 
 def _text_table(rows: list[dict], columns: list[tuple[str, str, str]], width: int) -> str:
     """Rows as a text table, one line per method; ``-`` where a value does not exist, seconds per window in ms."""
-    lines = [f"{'method':10s}" + "".join(f"{h:>{width}s}" for _, h, _ in columns)]
+    name = max([10] + [len(r["method"]) + 1 for r in rows])
+    lines = [f"{'method':{name}s}" + "".join(f"{h:>{width}s}" for _, h, _ in columns)]
     for r in rows:
         vals = []
         for k, _, f in columns:
@@ -460,7 +461,7 @@ def _text_table(rows: list[dict], columns: list[tuple[str, str, str]], width: in
             if k == "seconds_per_window" and v is not None:
                 v = 1e3 * v
             vals.append(_fmt(v, f))
-        lines.append(f"{r['method']:10s}" + "".join(f"{v:>{width}s}" for v in vals))
+        lines.append(f"{r['method']:{name}s}" + "".join(f"{v:>{width}s}" for v in vals))
     return "\n".join(lines)
 
 
