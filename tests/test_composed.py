@@ -476,6 +476,10 @@ def test_posterior_mode_setting_and_errors(tiny):
         est.hparams["posterior_mode"] = None
     with pytest.raises(ValueError, match="composed mode"):
         ests["guided"].fit_gaussian(val)
+    with pytest.raises(ValueError, match="windows >= 2"):
+        est.fit_gaussian(val, windows=1)
+    with pytest.raises(ValueError, match="non-empty WindowDataset"):
+        est.fit_gaussian(val.get(torch.arange(4)))
     with pytest.raises(ValueError, match="posterior_mode"):
         ComposedScore(task, mode="guided", posterior_mode="gaussian", **SMALL)
     with pytest.raises(ValueError, match="gaussian_scale"):

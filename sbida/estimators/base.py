@@ -460,6 +460,16 @@ class Estimator(nn.Module):
         rank 0 only)."""
 
     @staticmethod
+    def _calibration_windows(data: WindowDataset, windows: int, seed: int, least: int = 1) -> Tensor:
+        """``(n,)`` indices of ``windows`` windows of ``data`` drawn at random with ``seed`` (all of them if it has
+        fewer), for a calibration fit on held-out windows; a clear error for no data or fewer than ``least``."""
+        if not isinstance(data, WindowDataset) or len(data) == 0:
+            raise ValueError(f"data must be a non-empty WindowDataset, got {data!r}")
+        if windows < least:
+            raise ValueError(f"need windows >= {least}, got {windows}")
+        return torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:windows]
+
+    @staticmethod
     def _held_out(val: WindowDataset | None, setting: str, kept: str) -> bool:
         """Whether ``val`` has windows for the calibration fit that ``setting`` asks for at the end of :meth:`fit`;
         warns (``kept``: what stays as it is) when it has none."""

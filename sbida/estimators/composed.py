@@ -675,11 +675,7 @@ class ComposedScore(Estimator):
         """
         if self.hparams["mode"] != "composed":
             raise ValueError("fit_gaussian needs a model trained in composed mode (its Gaussian heads)")
-        if not isinstance(data, WindowDataset) or len(data) == 0:
-            raise ValueError(f"data must be a non-empty WindowDataset, got {data!r}")
-        if windows < 2:
-            raise ValueError(f"need windows >= 2, got {windows}")
-        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:windows]
+        idx = self._calibration_windows(data, windows, seed, least=2)
         was_training = self.training
         r2, log_jac = [], []
         with torch.no_grad():

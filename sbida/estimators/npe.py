@@ -239,19 +239,17 @@ class NPE(Estimator):
             ``{"inflation", "criterion", "grid", "score", "score_at_1", "windows", "samples"}`` (``score``: the ECE,
             or the NLL in nats per window, one per factor of ``grid``; ``score_at_1``: without inflation).
         """
-        if not isinstance(data, WindowDataset) or len(data) == 0:
-            raise ValueError(f"data must be a non-empty WindowDataset, got {data!r}")
+        idx = self._calibration_windows(data, windows, seed)
         if criterion not in ("coverage", "nll"):
             raise ValueError(f"criterion must be 'coverage' or 'nll', got {criterion!r}")
-        if windows < 1 or samples < 2:
-            raise ValueError(f"need windows >= 1 and samples >= 2, got {windows} and {samples}")
+        if samples < 2:
+            raise ValueError(f"need samples >= 2, got {samples}")
         grid = 2.0 ** (torch.arange(-50, 101, dtype=torch.float64) / 100) if grid is None \
             else torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
         if len(grid) == 0 or not (torch.isfinite(grid) & (grid > 0)).all():
             raise ValueError(f"grid must hold finite factors > 0, got {grid.tolist()}")
         full = torch.cat([grid, torch.ones(1, dtype=torch.float64)])
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:windows]
         was_training = self.training
         self.eval()
         B = len(idx)
@@ -297,11 +295,7 @@ class NPE(Estimator):
             log-likelihood of the truths (nats per window, original units) under the fitted base and under the
             Gaussian base.
         """
-        if not isinstance(data, WindowDataset) or len(data) == 0:
-            raise ValueError(f"data must be a non-empty WindowDataset, got {data!r}")
-        if windows < 2:
-            raise ValueError(f"need windows >= 2, got {windows}")
-        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:windows]
+        idx = self._calibration_windows(data, windows, seed, least=2)
         was_training = self.training
         self.eval()
         s = float(self.hparams["inflation"])

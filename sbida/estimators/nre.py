@@ -562,14 +562,13 @@ class NRE(Estimator):
             ``{"temperature", "criterion", "grid", "score", "score_at_1", "windows"}`` (``score``: ECE or NLL in
             nats per window up to a constant, one per grid temperature; ``score_at_1``: at temperature 1).
         """
-        if not isinstance(data, WindowDataset) or len(data) == 0:
-            raise ValueError(f"data must be a non-empty WindowDataset, got {data!r}")
+        idx = self._calibration_windows(data, windows, seed)
         if criterion not in ("coverage", "nll"):
             raise ValueError(f"criterion must be 'coverage' or 'nll', got {criterion!r}")
         moves = int(self.hparams["smc_moves"] if moves is None else moves)
-        if windows < 1 or particles < 2 or moves < 1 or not max_temperature > 0:
-            raise ValueError(f"need windows >= 1, particles >= 2, moves >= 1 and max_temperature > 0, got {windows}, "
-                             f"{particles}, {moves} and {max_temperature}")
+        if particles < 2 or moves < 1 or not max_temperature > 0:
+            raise ValueError(f"need particles >= 2, moves >= 1 and max_temperature > 0, got {particles}, {moves} and "
+                             f"{max_temperature}")
         top = float(max_temperature)
         grid = torch.linspace(top / 40, top, 40, dtype=torch.float64) if grid is None \
             else torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
@@ -577,7 +576,6 @@ class NRE(Estimator):
             raise ValueError(f"grid must hold temperatures in (0, max_temperature={top}], got {grid.tolist()}")
         full = torch.cat([grid, torch.ones(1, dtype=torch.float64)]) if top >= 1 else grid
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:windows]
         was_training = self.training
         self.eval()
         x, y, m, t = (a.to(self.device) for a in data.get(idx))
