@@ -236,20 +236,29 @@ class GaussianPosterior(Posterior):
         return torch.diag_embed(self._std.reshape(self.batch_size, -1).square())
 
     def log_prob(self, x: Tensor) -> Tensor:
-        lp = self.dist.log_prob(self._check_x(x).to(self._mean.dtype))
         if self.df is None:
-            return lp
-        at_mean = self.dist.log_prob(self.dist.mean)  # -log det L - D/2 log(2 pi)
-        r2 = (2 * (at_mean.double() - lp.double())).clamp_min(0)  # the squared whitened distance to the mean
+            return self.dist.log_prob(self._check_x(x).to(self._mean.dtype))
         D, nu = self.event_size, self.df
-        whitened = IsotropicStudentT(r2.new_zeros(1, D), nu, math.sqrt((nu - 2) / nu)).log_prob_at_distance(r2)
-        return (whitened + at_mean.double() + D / 2 * math.log(2 * math.pi)).to(lp.dtype)
+        whitened = IsotropicStudentT(self._mean.new_zeros(1, D, dtype=torch.float64), nu, math.sqrt((nu - 2) / nu))
+        return (whitened.log_prob_at_distance(self.mahalanobis(x)) - self.half_log_det()).to(self._mean.dtype)
 
     def mahalanobis(self, x: Tensor) -> Tensor:
-        """Squared Mahalanobis distances ``(..., B)`` of states ``x`` ``(..., B, *state_shape)`` under the
-        covariance (Gaussian or not): what :func:`fit_student_t` fits ``nu`` on."""
-        x = self._check_x(x).to(self._mean.dtype)
-        return (2 * (self.dist.log_prob(self.dist.mean).double() - self.dist.log_prob(x).double())).clamp_min(0)
+        """Squared Mahalanobis distances ``(..., B)`` (float64) of states ``x`` ``(..., B, *state_shape)`` under the
+        covariance (Gaussian or not), ``|L^{-1} (x - mean)|^2``: what :func:`fit_student_t` fits ``nu`` on."""
+        d = (self._check_x(x).to(self._mean.dtype) - self._mean.flatten(1)).double()
+        if isinstance(self.dist, MultivariateNormal):
+            L = self.dist.scale_tril.double().expand(*d.shape[:-1], -1, -1)
+            z = torch.linalg.solve_triangular(L, d.unsqueeze(-1), upper=False).squeeze(-1)
+        else:
+            z = d / self._std.flatten(1).double()
+        return z.square().sum(-1)
+
+    def half_log_det(self) -> Tensor:
+        """``log |det L| = log det(C) / 2`` ``(B,)`` (float64): minus the log-Jacobian of the whitening
+        ``x -> L^{-1} (x - mean)``."""
+        if isinstance(self.dist, MultivariateNormal):
+            return self.dist.scale_tril.diagonal(dim1=-2, dim2=-1).double().log().sum(-1)
+        return self._std.flatten(1).double().log().sum(-1)
 
 
 def fit_student_t(r2: Tensor, dim: int, log_jac: Tensor | float = 0.0, scale: bool = False,

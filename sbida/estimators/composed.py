@@ -683,8 +683,7 @@ class ComposedScore(Estimator):
                 x, y, m, t = data.get(idx[i:i + 256])
                 post = self.posterior(y, m, t, mode="gaussian", calibrated=False)
                 r2.append(post.mahalanobis(x))
-                # log |dz/dx| of the whitening z = L^-1 (x - mean): the log-density at the mean + D/2 log 2 pi
-                log_jac.append(post.log_prob(post.mean()).double() + self.event_size / 2 * math.log(2 * math.pi))
+                log_jac.append(-post.half_log_det())  # of the whitening x -> L^-1 (x - mean)
         fit = fit_student_t(torch.cat(r2), self.event_size, torch.cat(log_jac), scale=True)
         self.hparams.update(gaussian_scale=fit["scale"], gaussian_tails=fit["df"])
         self.train(was_training)
