@@ -258,9 +258,10 @@ class PosteriorMode:
 
 def _has_gaussian_mode(method) -> bool:
     """A ComposedScore trained in composed mode whose default posterior is not already its closed form."""
-    h = getattr(method, "hparams", {})
-    return (type(method).__name__ == "ComposedScore" and h.get("mode") == "composed"
-            and h.get("posterior_mode") != "gaussian")
+    from sbida.estimators import ComposedScore
+
+    return (isinstance(method, ComposedScore) and method.hparams["mode"] == "composed"
+            and method.hparams["posterior_mode"] != "gaussian")
 
 
 def has_point_mode(method) -> bool:
