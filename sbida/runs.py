@@ -220,7 +220,7 @@ def fit_from_state(est, train, val, fit: dict, fit_state: str | Path, resume: bo
 
 
 def _calibration_lines(records: dict[str, dict]) -> list[str]:
-    """One line per calibration fit made at the end of a fit (NRE's temperature, NPE's inflation and tails,
+    """One line per calibration fit made at the end of a fit (NRE's temperature, NPE's inflation, scales and tails,
     ComposedScore's Gaussian mode)."""
     lines = []
     for kind, r in records.items():
@@ -228,6 +228,10 @@ def _calibration_lines(records: dict[str, dict]) -> list[str]:
             lines.append(f"mode 'gaussian' calibrated on {r['windows']} validation windows: spread x{r['scale']:.4g}, "
                          f"Student-t of {r['tails']:.3g} degrees of freedom (NLL {r['nll']:.4g} nats per window, "
                          f"uncalibrated {r['nll_gaussian']:.4g})")
+        elif kind == "scale":
+            lines.append(f"scales of the flow's base fitted on {r['windows']} validation windows: "
+                         f"{r['scale_min']:.3g} to {r['scale_max']:.3g}, median {r['scale_median']:.3g} (NLL "
+                         f"{r['nll']:.4g} nats per window, unscaled {r['nll_before']:.4g})")
         elif kind == "tails":
             lines.append(f"Student-t base of {r['tails']:.3g} degrees of freedom fitted on {r['windows']} validation "
                          f"windows (NLL {r['nll']:.4g} nats per window, Gaussian base {r['nll_gaussian']:.4g})")
@@ -356,7 +360,7 @@ class Run:
                 self.log(f"{label}: resuming its interrupted training from {fit_state}")
             history, seconds = fit_from_state(est, train, val, fit, fit_state, resume, self.progress)
             est.save(ckpt)
-            calibration = {k: r for k in ("temperature", "inflation", "tails", "gaussian")
+            calibration = {k: r for k in ("temperature", "inflation", "scale", "tails", "gaussian")
                            if (r := getattr(est, f"{k}_record", None))}
             for line in _calibration_lines(calibration):
                 self.log(f"{label}: {line}")
