@@ -174,6 +174,20 @@ def test_fit_inflation_recovers_a_known_spread_error(lg):
         est.hparams["inflation"] = 1.0
 
 
+def _nll(est, data, index):
+    """The mean negative log-density of the true states of windows ``index`` under ``est``'s posterior (nats)."""
+    x, y, m, t = data.get(index)
+    with torch.no_grad():
+        return float(-est.posterior(y, m, t).log_prob(x.float()).double().mean())
+
+
+def _ece(est, data, index):
+    """The joint (highest-density) ECE of ``est``'s posterior on windows ``index``, 256 draws each, seeded."""
+    x, y, m, t = data.get(index)
+    return sbida.diagnostics.expected_coverage(est.posterior(y, m, t), x.float(), n_samples=256,
+                                               generator=torch.Generator().manual_seed(1)).ece
+
+
 class _Tailed(_Widened):
     """The windows of a linear-Gaussian dataset with every true state moved to ``mean + a_b (x - mean)`` by a factor
     ``a_b = sqrt((nu - 2) / w_b)``, ``w_b ~ chi^2_nu``, drawn once per window: the truths of a multivariate Student-t
@@ -210,16 +224,11 @@ def test_fit_tails_recovers_known_tails(lg):
         assert fit["nll"] < fit["nll_gaussian"] - 1.0, fit  # nats per window
         assert est.hparams["tails"] == fit["tails"]
         # the fit's NLL is the posterior's exact log-density of the truths with the fitted base, in original units
-        x, y, m, t = tailed.get(torch.randperm(len(tailed), generator=torch.Generator().manual_seed(0)))
-        with torch.no_grad():
-            exact = -est.posterior(y, m, t).log_prob(x.float()).double().mean()
-        assert fit["nll"] == pytest.approx(float(exact), rel=1e-4, abs=1e-3)
-        x, y, m, t = tailed.get(torch.arange(0, len(tailed), 2))
-        g = torch.Generator().manual_seed(1)
-        with_tails = sbida.diagnostics.expected_coverage(est.posterior(y, m, t), x.float(), n_samples=256, generator=g)
+        assert fit["nll"] == pytest.approx(_nll(est, tailed, torch.arange(len(tailed))), rel=1e-4, abs=1e-3)
+        with_tails = _ece(est, tailed, torch.arange(0, len(tailed), 2))
         est.hparams.update(tails=None)
-        gaussian = sbida.diagnostics.expected_coverage(est.posterior(y, m, t), x.float(), n_samples=256, generator=g)
-        assert with_tails.ece < 0.05 and gaussian.ece > 0.1, (with_tails.ece, gaussian.ece)
+        gaussian = _ece(est, tailed, torch.arange(0, len(tailed), 2))
+        assert with_tails < 0.05 and gaussian > 0.1, (with_tails, gaussian)
     finally:
         est.hparams.update(h)
 
@@ -267,16 +276,11 @@ def test_fit_scale_recovers_known_scales_of_the_base(lg):
         assert torch.allclose(ratio, f, rtol=0.1)
         # 8 dimensions of variance 1.6^2 under a unit one: 8 x (1.56 - ln 2.56) / 2 = 2.5 nats per window to gain
         assert fit["nll"] < fit["nll_before"] - 1.5, fit
-        x, y, m, t = moved.get(torch.arange(len(moved)))
-        with torch.no_grad():
-            exact = -est.posterior(y, m, t).log_prob(x.float()).double().mean()
-        assert fit["nll"] == pytest.approx(float(exact), rel=1e-4, abs=1e-3)
-        x, y, m, t = moved.get(torch.arange(0, len(moved), 2))
-        g = torch.Generator().manual_seed(1)
-        fitted = sbida.diagnostics.expected_coverage(est.posterior(y, m, t), x.float(), n_samples=256, generator=g)
+        assert fit["nll"] == pytest.approx(_nll(est, moved, torch.arange(len(moved))), rel=1e-4, abs=1e-3)
+        fitted = _ece(est, moved, torch.arange(0, len(moved), 2))
         est.base_scale.copy_(before)
-        unfitted = sbida.diagnostics.expected_coverage(est.posterior(y, m, t), x.float(), n_samples=256, generator=g)
-        assert fitted.ece < 0.05 and unfitted.ece > 0.1, (fitted.ece, unfitted.ece)
+        unfitted = _ece(est, moved, torch.arange(0, len(moved), 2))
+        assert fitted < 0.05 and unfitted > 0.1, (fitted, unfitted)
     finally:
         est.base_scale.copy_(before)
 
