@@ -77,8 +77,10 @@ def test_report_runs_every_stage_into_the_run_folder(tiny_run, capsys):
     assert "coda:" in (tiny_run / "config.yaml").read_text()  # the override is in the resolved config
     log = (tiny_run / "log.txt").read_text()
     assert "report written" in log and "npe: Student-t base of" in log  # NPE's tails, fitted after its fit
+    assert "npe: scales of the flow's base fitted on" in log  # and its base's scales before them
     training = json.loads((tiny_run / "training.json").read_text())
     assert training["npe"]["calibration"]["tails"]["tails"] >= 3
+    assert list(training["npe"]["calibration"]) == ["scale", "tails"]
     from html.parser import HTMLParser
 
     class Rows(HTMLParser):
