@@ -187,10 +187,9 @@ class NPE(Estimator):
         if self.hparams["tails"] is not None:
             nu = float(self.hparams["tails"])
             flow = NormalizingFlow(flow.transform, IsotropicStudentT(flow.base.mean, nu, math.sqrt((nu - 2) / nu)))
-        if not bool((self.base_scale == 1).all()):  # z = b * z0: the transform ends with z -> z / b
-            b = self.base_scale.to(flow.base.mean)
-            flow = NormalizingFlow(ComposedTransform(flow.transform, AffineTransform(0.0, 1 / b, event_dim=1)),
-                                   flow.base)
+        # z = b * z0: the transform ends with z -> z / b (always composed: testing b == 1 would sync a GPU per step)
+        b = self.base_scale.to(flow.base.mean)
+        flow = NormalizingFlow(ComposedTransform(flow.transform, AffineTransform(0.0, 1 / b, event_dim=1)), flow.base)
         return flow, loc, scale
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
