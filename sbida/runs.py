@@ -229,9 +229,10 @@ def _calibration_lines(records: dict[str, dict]) -> list[str]:
                          f"Student-t of {r['tails']:.3g} degrees of freedom (NLL {r['nll']:.4g} nats per window, "
                          f"uncalibrated {r['nll_gaussian']:.4g})")
         elif kind == "scale":
-            lines.append(f"scales of the flow's base fitted on {r['windows']} validation windows: "
-                         f"{r['scale_min']:.3g} to {r['scale_max']:.3g}, median {r['scale_median']:.3g} (NLL "
-                         f"{r['nll']:.4g} nats per window, unscaled {r['nll_before']:.4g})")
+            lines.append(f"scales of the flow's base fitted on {r['windows']} validation windows of "
+                         f"{r['trajectories']} trajectories: {r['scale_min']:.3g} to {r['scale_max']:.3g}, median "
+                         f"{r['scale_median']:.3g}, {r['own']} dimensions with their own (NLL {r['nll']:.4g} nats "
+                         f"per window, before {r['nll_before']:.4g})")
         elif kind == "tails":
             lines.append(f"Student-t base of {r['tails']:.3g} degrees of freedom fitted on {r['windows']} validation "
                          f"windows (NLL {r['nll']:.4g} nats per window, Gaussian base {r['nll_gaussian']:.4g})")

@@ -238,12 +238,12 @@ def test_calibration_lines_name_every_kind_of_fit():
     lines = _calibration_lines({
         "gaussian": {"scale": 1.0765, "tails": 43.4, "nll": 72.29, "nll_gaussian": 72.67, "windows": 4096},
         "tails": {"tails": 39.6, "nll": 58.96, "nll_gaussian": 59.21, "windows": 4096},
-        "scale": {"scale_min": 0.986, "scale_median": 1.044, "scale_max": 1.712, "nll": 4.758, "nll_before": 5.804,
-                  "windows": 4096},
+        "scale": {"scale_min": 1.033, "scale_median": 1.033, "scale_max": 1.712, "own": 10, "nll": 4.773,
+                  "nll_before": 5.804, "windows": 4096, "trajectories": 51},
         "temperature": {"temperature": 0.6, "criterion": "coverage", "score": [0.05, 0.02], "score_at_1": 0.1,
                         "windows": 128}})
     assert lines[0] == ("mode 'gaussian' calibrated on 4096 validation windows: spread x1.077, Student-t of 43.4 "
                         "degrees of freedom (NLL 72.29 nats per window, uncalibrated 72.67)")
     assert lines[1].startswith("Student-t base of 39.6 degrees of freedom") and "ratio temperature 0.6" in lines[3]
-    assert lines[2] == ("scales of the flow's base fitted on 4096 validation windows: 0.986 to 1.71, median 1.04 (NLL "
-                        "4.758 nats per window, unscaled 5.804)")
+    assert lines[2] == ("scales of the flow's base fitted on 4096 validation windows of 51 trajectories: 1.03 to "
+                        "1.71, median 1.03, 10 dimensions with their own (NLL 4.773 nats per window, before 5.804)")
