@@ -39,6 +39,7 @@ __all__ = [
     "SamplerPosterior",
     "PointPosterior",
     "fit_student_t",
+    "student_t_mixing",
 ]
 
 
@@ -47,6 +48,21 @@ def _seed_from(generator: torch.Generator | None) -> int | None:
     if generator is None:
         return None
     return int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+
+
+def student_t_mixing(df: float, shape: tuple[int, ...], generator: torch.Generator | None = None,
+                     device: torch.device | str = "cpu") -> Tensor:
+    """Variance factors ``w = (nu - 2) / chi^2_nu`` (float64, of mean 1): a Gaussian draw of covariance ``C`` times
+    ``sqrt(w)`` is a draw of the Student-t of ``nu = df`` degrees of freedom and covariance ``C``. Seeded from
+    ``generator`` (the Chi^2 sampler only uses the global generator, which is left as it was), drawn on the CPU and
+    moved to ``device``."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        seed = _seed_from(generator)
+        if seed is not None:
+            torch.manual_seed(seed)
+        w = torch.distributions.Chi2(torch.tensor(float(df), dtype=torch.float64)).sample(shape)
+    return ((float(df) - 2) / w).to(device)
 
 
 class Posterior:
@@ -209,13 +225,8 @@ class GaussianPosterior(Posterior):
         n = self._check_n(n)
         B, D = self.batch_size, self.event_size
         z = torch.randn(n, B, D, generator=generator, dtype=self._mean.dtype, device=self._mean.device)
-        if self.df is not None:  # one chi^2 scale per draw (seeded from the generator)
-            with torch.random.fork_rng(devices=[] if self._mean.device.type == "cpu" else [self._mean.device]):
-                seed = _seed_from(generator)
-                if seed is not None:
-                    torch.manual_seed(seed)
-                w = torch.distributions.Chi2(torch.tensor(self.df, dtype=torch.float64)).sample((n, B, 1))
-            z = z * ((self.df - 2) / w).sqrt().to(z)
+        if self.df is not None:  # one variance factor per draw
+            z = z * student_t_mixing(self.df, (n, B, 1), generator, self._mean.device).sqrt().to(z)
         if isinstance(self.dist, MultivariateNormal):
             # einsum, not a broadcast matmul: that one expands the factors to (n, B, D, D) first (50x slower)
             x = self.dist.loc + torch.einsum("bij,nbj->nbi", self.dist.scale_tril, z)

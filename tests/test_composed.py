@@ -182,6 +182,33 @@ def test_residual_network_composes_its_gaussian_heads_exactly():
     assert float(((s0.mean(0) - gauss.mean()) / sd).abs().max()) > 1
 
 
+def test_residual_network_draws_the_calibrated_composition():
+    """With a fitted calibration (spread factor, Student-t tails) a residual network's composed sampler swaps its
+    Gaussian part for the calibrated one: whose U-Net outputs zero, it draws the calibrated closed form (the
+    truths' squared Mahalanobis distances under it have its mean and tail mass), and the uncalibrated one with
+    ``calibrated=False``."""
+    task = sbida.tasks.get("linear-gaussian")
+    data = task.simulate(progress=False, n_trajectories=16)
+    torch.manual_seed(0)
+    est = ComposedScore(task, **SMALL)
+    est.fit_standardization(data)
+    est.hparams.update(gaussian_scale=1.5, gaussian_tails=5.0)
+    x, y, m, t = data.get(torch.tensor([300]))
+    cal = est.posterior(y, m, t, mode="gaussian")
+    D = cal.event_size
+    gen = torch.Generator().manual_seed(1)
+    r2_exact = cal.mahalanobis(cal.sample(4000, generator=gen)).flatten()
+    r2 = cal.mahalanobis(est.posterior(y, m, t, steps=16, corrections=1).sample(4000, generator=gen)).flatten()
+    r2_raw = cal.mahalanobis(est.posterior(y, m, t, steps=16, corrections=1, calibrated=False).sample(
+        4000, generator=gen)).flatten()
+    assert abs(float(r2.mean()) / D - 1) < 0.1, float(r2.mean()) / D  # the exact draws' mean is D
+    assert abs(float(r2_raw.mean()) * 1.5**2 / D - 1) < 0.1, float(r2_raw.mean()) / D
+    # tail mass beyond the 99 % quantile of the Gaussian of the same covariance: 6 % for nu = 5, 1 % for a Gaussian
+    q = float(torch.randn(100000, D, generator=gen, dtype=torch.float64).square().sum(-1).quantile(0.99))
+    tail, tail_exact = float((r2 > q).double().mean()), float((r2_exact > q).double().mean())
+    assert tail_exact > 0.03 and abs(tail - tail_exact) < 0.02, (tail, tail_exact)
+
+
 def test_models_saved_before_the_residual_parametrization_load_without_it(tmp_path):
     task = sbida.tasks.get("linear-gaussian")
     est = ComposedScore(task, **SMALL)

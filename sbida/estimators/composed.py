@@ -53,9 +53,12 @@ AUC 0.55; before them 1.05x, 0.025, 0.75). What errors remain in the heads still
 the closed form comes out too narrow by a factor that varies from window to window; **its calibration**
 (:meth:`ComposedScore.fit_gaussian`, at the end of ``fit`` by default) fits a factor on its spread and a Student-t of
 the same covariance by the likelihood of held-out truths (lorenz96 K=40, 20 minutes of training: joint ECE 0.137 to
-0.018, spread/skill 0.86 to 0.92). Langevin
-correction steps follow each predictor step. Any number of observation times, at any lags, may be composed at
-inference: the window length may differ from training's.
+0.018, spread/skill 0.86 to 0.92). The composed sampler of a residual network applies the same calibration to its
+Gaussian part: the composition of the heads' noises is exactly the noise of their closed form, which it swaps for the
+noise of the closed form with the fitted spread and, per sample, a Student-t variance factor (a Student-t is a
+Gaussian scale mixture), so that where the network outputs zero it draws the calibrated closed form
+(``calibrated=False`` at sampling: the raw composition). Langevin correction steps follow each predictor step. Any
+number of observation times, at any lags, may be composed at inference: the window length may differ from training's.
 
 **Guided** (``mode="guided"``). The network is the prior score ``p_s(x | t)`` only, and the likelihood of the window
 enters as SDA-style guidance (Rozet & Louppe, 2023) through the denoiser ``x_0(x_s) = (x_s - sigma_s eps_hat)/mu_s``:
@@ -99,7 +102,7 @@ from torch import Tensor, nn
 
 from ..data import WindowDataset
 from ..nn import ResBlock, SinusoidalEmbedding, WindowEncoder, periodic_conv
-from ..posterior import GaussianPosterior, SamplerPosterior, fit_student_t
+from ..posterior import GaussianPosterior, SamplerPosterior, fit_student_t, student_t_mixing
 from .base import Batch, Estimator
 from .score import ScoreNet, _check_sampler_options, chunked_sampler, pass_rows
 from .sde import CosineSchedule, dsm_loss, sample_vp
@@ -208,11 +211,12 @@ class GaussianNoise:
         out.U = None if self.U is None else self.U[rows]
         return out
 
-    def __call__(self, x: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, mu: Tensor, sigma: Tensor, factor: Tensor | float = 1.0) -> Tensor:
         """``eps_G`` of states ``x (n, N, D)`` (row ``j`` of every sample under Gaussian ``j``) at ``mu, sigma``
-        broadcastable to ``(n, N, 1)``."""
+        broadcastable to ``(n, N, 1)``; with ``factor`` (broadcastable to ``(n, N, 1)``), of the Gaussians of the same
+        means and their covariances times ``factor``."""
         d = x - mu * self.mean
-        gain = sigma * self.p / (mu**2 + sigma**2 * self.p)
+        gain = sigma * self.p / (factor * mu**2 + sigma**2 * self.p)
         if self.U is None:
             return gain * d
         return torch.einsum("bij,nbj->nbi", self.U, gain * torch.einsum("bji,nbj->nbi", self.U, d))
@@ -565,8 +569,10 @@ class ComposedScore(Estimator):
         (composed-mode models) the :class:`~sbida.posterior.GaussianPosterior` of the Gaussian heads composed over
         the window in closed form (precision ``sum_k P_k - (T - 1) P_0``, information likewise): no diffusion, with
         ``log_prob``, and what the composed sampler of a residual network draws where its network outputs zero;
-        ``calibrated``: with the fitted ``gaussian_scale`` and ``gaussian_tails`` (:meth:`fit_gaussian`). ``mode``
-        defaults to ``posterior_mode``, else the training mode."""
+        ``calibrated``: with the fitted ``gaussian_scale`` and ``gaussian_tails`` (:meth:`fit_gaussian`), in mode
+        ``"gaussian"`` and on the Gaussian part of a residual network's composed sampler (its heads' closed form,
+        with the ``"gauss"`` correction and head precisions; module docstring). ``mode`` defaults to
+        ``posterior_mode``, else the training mode."""
         _check_sampler_options(steps, corrections, tau)
         h = self.hparams
         lags = self._call_lags if self._call_lags is not None else self.lags
@@ -599,7 +605,7 @@ class ComposedScore(Estimator):
                 raise ValueError(f"correction must be 'gauss' or 'none', got {correction!r}")
 
             def make_eps(part: Batch):
-                return self._composed(part, lags, correction)
+                return self._composed(part, lags, correction, calibrated)
         scores = len(lags) + 1 if mode == "composed" else 1
         rows = max(1, pass_rows(int(h["sample_rows"]), math.prod(self.state_shape), self.device) // scores)
         # windows in groups of at most `rows`, so that a pass of one sample per window stays within its rows
@@ -615,11 +621,12 @@ class ComposedScore(Estimator):
 
         return SamplerPosterior(sample, B, self.state_shape, device=self.device)
 
-    def _draw(self, eps_fn: Callable[[int], Callable[[Tensor, Tensor], Tensor]], B: int, steps: int, corrections: int,
+    def _draw(self, eps_fn: Callable[..., Callable[[Tensor, Tensor], Tensor]], B: int, steps: int, corrections: int,
               tau: float) -> Callable[[int, torch.Generator | None], Tensor]:
-        """``(n, generator) -> (n, B, *state)`` samples in original units, from ``eps_fn(n)`` of ``B`` windows."""
+        """``(n, generator) -> (n, B, *state)`` samples in original units, from ``eps_fn(n, generator)`` of ``B``
+        windows."""
         def draw(n: int, generator: torch.Generator | None) -> Tensor:
-            fn = eps_fn(n)
+            fn = eps_fn(n, generator)
             with torch.no_grad():
                 x = sample_vp(fn, (n * B, *self.state_shape), self.schedule, steps, corrections, tau, generator,
                               self.dtype, self.device)
@@ -698,8 +705,9 @@ class ComposedScore(Estimator):
         if h["mode"] == "composed" and h["gaussian_fit"] and val is not None and len(val) > 0:
             self.gaussian_record = self.fit_gaussian(val, windows=int(h["gaussian_windows"]), seed=seed)
 
-    def _composed(self, batch: Batch, lags: Sequence[int], correction: str):
-        """``n -> eps_fn`` of the composed score of ``n`` samples per window."""
+    def _composed(self, batch: Batch, lags: Sequence[int], correction: str, calibrated: bool = False):
+        """``(n, generator) -> eps_fn`` of the composed score of ``n`` samples per window; ``calibrated``: a residual
+        network's Gaussian part calibrated (:meth:`make_posterior`)."""
         B, T = batch.y.shape[:2]
         tt, ctx, vec, mean, logvar, full = self._heads(batch, lags)
         comp = None  # the full composition (full head or Jacobian precisions), else the diagonal one
@@ -719,18 +727,35 @@ class ComposedScore(Estimator):
         prec = torch.exp(-logvar).unflatten(0, (T + 1, B))  # (T+1, B, *state)
         # the (T + 1) B conditions, rows (k, b): their share of the network computed once, not at every step
         net = self.net.conditioned(tt, ctx, vec)
+        c2, nu = float(self.hparams["gaussian_scale"]) ** 2, self.hparams["gaussian_tails"]
+        window = None  # the heads composed over the window: the Gaussian part of a residual network's composition
+        if calibrated and base is not None and correction == "gauss" and self.hparams["precision"] != "jacobian" \
+                and (c2 != 1.0 or nu is not None):
+            window = GaussianNoise(*self.compose_heads(mean, logvar, full, B, T))
 
-        def make(n: int):
+        def make(n: int, generator: torch.Generator | None = None):
+            factor = None  # covariance factors of the calibrated Gaussian part, one per sample (n, B, 1)
+            if window is not None:
+                factor = torch.full((n, B, 1), c2, dtype=self.dtype, device=self.device)
+                if nu is not None:
+                    factor = factor * student_t_mixing(nu, (n, B, 1), generator, self.device).to(self.dtype)
+
             def eps_fn(x: Tensor, s: Tensor) -> Tensor:
                 N = x.shape[0]  # rows (i, b) -> (i, k, b), sample-major as the conditioned network wants
                 xs = x.reshape(n, 1, B, *self.state_shape).expand(n, T + 1, B, *self.state_shape).flatten(0, 2)
                 sr = s[:1].expand((T + 1) * N)
                 e = self._add_baseline(net(xs, sr), xs, sr, base)
                 e = e.reshape(n, T + 1, B, *self.state_shape).transpose(0, 1)
-                r = (self.schedule.mu(s[0]) / self.schedule.sigma(s[0])).square()
+                mu, sigma = self.schedule.mu(s[0]), self.schedule.sigma(s[0])
+                r = (mu / sigma).square()
                 if comp is not None:
-                    return comp(e.flatten(3), r).reshape(x.shape)
-                return compose_eps(e, prec[:, None], r, correction).reshape(x.shape)
+                    out = comp(e.flatten(3), r).reshape(x.shape)
+                else:
+                    out = compose_eps(e, prec[:, None], r, correction).reshape(x.shape)
+                if factor is None:
+                    return out
+                xf = x.reshape(n, B, -1)  # the Gaussian part's noise swapped for that of the calibrated one
+                return out + (window(xf, mu, sigma, factor) - window(xf, mu, sigma)).reshape(x.shape)
 
             return eps_fn
 
@@ -811,7 +836,7 @@ class ComposedScore(Estimator):
                                     rows=int(self.hparams["sample_rows"]))
         d, V = torch.linalg.eigh(P0 + F)
 
-        def make(n: int):
+        def make(n: int, generator: torch.Generator | None = None):
             t = batch.t.repeat(n)
 
             def eps_fn(x: Tensor, s: Tensor) -> Tensor:
@@ -848,7 +873,7 @@ class ComposedScore(Estimator):
         sigma_y = self.sigma_y if self.sigma_y is not None else 1.0
         xvar = float(self.x_std.square().mean())
 
-        def make(n: int):
+        def make(n: int, generator: torch.Generator | None = None):
             t = batch.t.repeat(n)
             yy = [(y_raw[:, j].repeat(n, *([1] * (y_raw.dim() - 2))), batch.mask[:, j].repeat(
                 n, *([1] * (y_raw.dim() - 2))), lag) for j, lag in reach]
