@@ -312,6 +312,10 @@ def test_evaluate_exact_linear_gaussian(linear_task, tmp_path):
                       c2st_samples=300, progress=False, name="exact")
     assert res.n_windows == len(data) and res.state_shape == (32,)
     assert res.coverage.method == "hpd" and res.coverage.ece <= 0.05 and res.coverage.marginal_ece <= 0.05
+    # the distance statistic of the same samples, computed beside the highest density one
+    assert res.coverage.distance_ece <= 0.05 and res.metrics()["distance_ece"] == res.coverage.distance_ece
+    dist = dg.evaluate(exact, data, n_samples=300, batch_size=256, progress=False, coverage="distance")
+    assert dist.coverage.ece == pytest.approx(res.coverage.distance_ece, abs=1e-12)
     assert abs(res.spread_skill - 1) < 0.05 and res.nrmse < 0.5
     # every scale (528 windows of 48 trajectories: one Fourier mode at wavenumbers 0 and 16, so noisy there)
     spec = torch.tensor(res.spectrum)
@@ -331,6 +335,7 @@ def test_evaluate_exact_linear_gaussian(linear_task, tmp_path):
 
     bad = dg.evaluate(Narrow(), data, n_samples=200, batch_size=256, progress=False)
     assert bad.coverage.method == "distance" and bad.coverage.ece >= 0.15
+    assert bad.coverage.distance_ece == bad.coverage.ece
     assert bad.spread_skill < 0.6 and bad.sbc.flagged() and bad.c2st_auc is None
     assert bad.rmse == pytest.approx(res.rmse, rel=0.05)
     assert max(bad.spectrum) < 0.6 and again.spectrum == res.spectrum

@@ -64,6 +64,12 @@ class CoverageResult:
         n_windows: number of windows it was measured on.
         marginal: ``(L,)`` coverage of per-variable central intervals, averaged over variables (or ``None``).
         marginal_ece: ECE of ``marginal``.
+        distance: ``(L,)`` joint coverage of the distance regions (``None`` where not computed): the same statistic
+            for every estimator, with or without ``log_prob``, so that it compares them. A fit of a spread factor or
+            tails by the likelihood of held-out truths calibrates the highest density regions of a Gaussian or
+            Student-t by construction (they depend on the Mahalanobis distance only) and says nothing of the
+            shape of its covariance; the distance regions (marginal variances) do.
+        distance_ece: ECE of ``distance``.
     """
 
     levels: Tensor
@@ -74,34 +80,45 @@ class CoverageResult:
     n_windows: int
     marginal: Tensor | None = None
     marginal_ece: float | None = None
+    distance: Tensor | None = None
+    distance_ece: float | None = None
 
     @classmethod
     def from_credibility(cls, credibility: Tensor, method: str, levels: Tensor | None = None,
-                         marginal_credibility: Tensor | None = None) -> CoverageResult:
-        """Build the result from credibilities ``(B,)`` and optional marginal credibilities ``(B, D)``."""
+                         marginal_credibility: Tensor | None = None,
+                         distance_credibility: Tensor | None = None) -> CoverageResult:
+        """Build the result from credibilities ``(B,)``, optional marginal credibilities ``(B, D)`` and optional
+        distance credibilities ``(B,)`` (``credibility`` itself where ``method`` is ``"distance"``)."""
         levels = _checked_levels(levels)
         cov = coverage_curve(credibility, levels)
         gap = (cov - levels).abs()
-        marginal = marginal_ece = None
+        marginal = marginal_ece = distance = distance_ece = None
         if marginal_credibility is not None:
             marginal = coverage_curve(marginal_credibility, levels).mean(-1)
             marginal_ece = float((marginal - levels).abs().mean())
+        if method == "distance":
+            distance, distance_ece = cov, float(gap.mean())
+        elif distance_credibility is not None:
+            distance = coverage_curve(distance_credibility, levels)
+            distance_ece = float((distance - levels).abs().mean())
         return cls(levels, cov, float(gap.mean()), float(gap.max()), method, int(credibility.shape[0]), marginal,
-                   marginal_ece)
+                   marginal_ece, distance, distance_ece)
 
     def to_dict(self) -> dict:
         """A JSON-ready dictionary."""
         return {"levels": self.levels.tolist(), "coverage": self.coverage.tolist(), "ece": self.ece,
                 "max_gap": self.max_gap, "method": self.method, "n_windows": self.n_windows,
                 "marginal": None if self.marginal is None else self.marginal.tolist(),
-                "marginal_ece": self.marginal_ece}
+                "marginal_ece": self.marginal_ece,
+                "distance": None if self.distance is None else self.distance.tolist(),
+                "distance_ece": self.distance_ece}
 
     @classmethod
     def from_dict(cls, d: dict) -> CoverageResult:
         """Inverse of :meth:`to_dict`."""
         t = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)  # noqa: E731
         return cls(t(d["levels"]), t(d["coverage"]), d["ece"], d["max_gap"], d["method"], d["n_windows"],
-                   t(d.get("marginal")), d.get("marginal_ece"))
+                   t(d.get("marginal")), d.get("marginal_ece"), t(d.get("distance")), d.get("distance_ece"))
 
 
 def _checked_levels(levels: Tensor | None) -> Tensor:

@@ -90,7 +90,8 @@ class EvaluationResult:
         return {"rmse": self.rmse, "nrmse": self.nrmse, "crps": self.crps, "energy": self.energy,
                 "spread_skill": self.spread_skill, "coverage_ece": self.coverage.ece,
                 "coverage_max_gap": self.coverage.max_gap, "marginal_ece": self.coverage.marginal_ece,
-                "sbc_p_value": self.sbc.p_value, "tarp_atc": self.tarp.atc, "c2st_auc": self.c2st_auc}
+                "distance_ece": self.coverage.distance_ece, "sbc_p_value": self.sbc.p_value,
+                "tarp_atc": self.tarp.atc, "c2st_auc": self.c2st_auc}
 
     def to_dict(self) -> dict:
         """A JSON-ready dictionary."""
@@ -195,7 +196,7 @@ def evaluate(estimator_or_posterior_fn: Any, dataset, n_samples: int = 1000, bat
 
     g = torch.Generator().manual_seed(int(seed))
     g_ref = torch.Generator().manual_seed(int(seed) + 1)
-    keys = ("mse", "var", "crps", "energy", "ranks", "cred", "marginal", "tarp")
+    keys = ("mse", "var", "crps", "energy", "ranks", "cred", "dist", "marginal", "tarp")
     acc: dict[str, list[Tensor]] = {k: [] for k in keys}
     times = dict.fromkeys(("posterior", "sampling", "log_prob", "metrics", "c2st"), 0.0)
     aucs: list[float] = []
@@ -238,6 +239,7 @@ def evaluate(estimator_or_posterior_fn: Any, dataset, n_samples: int = 1000, bat
             acc["ranks"].append(ranks)
             acc["marginal"].append(central_credibility(ranks, n_samples).float())
             acc["cred"].append(dist_cred if method == "distance" else cred)
+            acc["dist"].append(dist_cred)
             acc["tarp"].append(tarp_credibility(s, xf, refs[i:i + B], lo.to(s.dtype), hi.to(s.dtype)))
             if grid:
                 powers = [a + b for a, b in zip(powers, spectral_powers(samples, x))]
@@ -256,7 +258,7 @@ def evaluate(estimator_or_posterior_fn: Any, dataset, n_samples: int = 1000, bat
 
     t5 = time.perf_counter()
     cat = {k: torch.cat(v) for k, v in acc.items()}
-    cov = CoverageResult.from_credibility(cat["cred"], method, levels, cat["marginal"])
+    cov = CoverageResult.from_credibility(cat["cred"], method, levels, cat["marginal"], cat["dist"])
     sbc_res = SBCResult.from_ranks(cat["ranks"], n_samples)
     tarp_res = TARPResult.from_credibility(cat["tarp"], tarp_bins)
     rmse = math.sqrt(float(cat["mse"].mean()))

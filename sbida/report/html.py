@@ -37,6 +37,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("crps", "CRPS", "{:.4g}"),
     ("spread_skill", "spread/skill", "{:.3f}"),
     ("coverage_ece", "coverage ECE", "{:.3f}"),
+    ("distance_ece", "ECE (distance)", "{:.3f}"),
     ("sbc_p_value", "SBC p-value", "{:.3g}"),
     ("tarp_atc", "TARP ATC", "{:+.3f}"),
     ("c2st_auc", "C2ST AUC", "{:.3f}"),
