@@ -9,10 +9,11 @@ states) and the degrees of freedom of a Student-t base (:meth:`NPE.fit_tails`) a
 ``--samples``) with the Gaussian base at factor 1, at each fitted factor and at the ``--factors`` given, with the
 fitted tails at factor 1 and at the factor fitted by ``nll`` with them, and with the fitted scales (Gaussian base, and
 with their tails). Each row prints RMSE, nRMSE, CRPS, spread/skill, the joint ECE (highest density) and its largest
-gap, the marginal ECE and the joint coverage at the levels 0.05, 0.25, 0.45, 0.65, 0.85 and 0.95: a curve flatter than
-the diagonal (over at low levels, under at high ones) is a spread that is wrong in different directions in different
-windows, which no single factor corrects. Last, the spread/skill ratio per wavenumber of the state at factor 1
-(:func:`sbida.diagnostics.spread_skill_spectrum`) shows at which scales the spread is wrong.
+gap, the marginal ECE, the joint ECE by the distance statistic (ECE-d) and the joint coverage at the levels 0.05,
+0.25, 0.45, 0.65, 0.85 and 0.95: a curve flatter than the diagonal (over at low levels, under at high ones) is a
+spread that is wrong in different directions in different windows, which no single factor corrects. Last, the
+spread/skill ratio per wavenumber of the state at factor 1 (:func:`sbida.diagnostics.spread_skill_spectrum`) shows at
+which scales the spread is wrong.
 
     python benchmarks/inflation.py [--task lorenz96] [--minutes 10] [--data runs/l96.h5] [--checkpoint PATH]
                                    [--save PATH]
@@ -139,7 +140,7 @@ def main() -> None:
     levels = " ".join(f"{0.05 + 0.05 * i:.2f}" for i in LEVELS)
     print(f"\ntest: {len(idx)} windows x {a.samples} samples; train {train_s:.0f} s")
     print(f"{'inflation':<22}{'RMSE':>7}{'nRMSE':>8}{'CRPS':>7}{'spr/skl':>9}{'ECE':>7}{'maxgap':>8}{'marg':>7}"
-          f"   joint coverage at {levels}")
+          f"{'ECE-d':>7}   joint coverage at {levels}")
     out = []
     for name, s, nu_row, scaled in rows:
         est.hparams["inflation"], est.hparams["tails"] = s, nu_row
@@ -148,11 +149,12 @@ def main() -> None:
         cov = res.coverage
         curve = [float(cov.coverage[i]) for i in LEVELS]
         print(f"{name + f' {s:.4f}':<22}{res.rmse:>7.3f}{res.nrmse:>8.4f}{res.crps:>7.3f}{res.spread_skill:>9.3f}"
-              f"{cov.ece:>7.4f}{cov.max_gap:>8.3f}{cov.marginal_ece:>7.4f}   "
+              f"{cov.ece:>7.4f}{cov.max_gap:>8.3f}{cov.marginal_ece:>7.4f}{cov.distance_ece:>7.4f}   "
               + " ".join(f"{c:.2f}" for c in curve), flush=True)
         out.append({"row": name, "inflation": s, "tails": nu_row, "scaled": scaled, "rmse": res.rmse,
                     "nrmse": res.nrmse, "crps": res.crps, "spread_skill": res.spread_skill, "ece": cov.ece,
-                    "max_gap": cov.max_gap, "marginal_ece": cov.marginal_ece, "coverage": cov.coverage.tolist()})
+                    "max_gap": cov.max_gap, "marginal_ece": cov.marginal_ece, "distance_ece": cov.distance_ece,
+                    "coverage": cov.coverage.tolist()})
     est.hparams["inflation"], est.hparams["tails"] = 1.0, None
     est.base_scale.fill_(1.0)
     x, y, m, t = test.get(idx)
