@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.distributions import Distribution, MultivariateNormal, Normal
@@ -53,16 +54,15 @@ def _seed_from(generator: torch.Generator | None) -> int | None:
 def student_t_mixing(df: float, shape: tuple[int, ...], generator: torch.Generator | None = None,
                      device: torch.device | str = "cpu") -> Tensor:
     """Variance factors ``w = (nu - 2) / chi^2_nu`` (float64, of mean 1): a Gaussian draw of covariance ``C`` times
-    ``sqrt(w)`` is a draw of the Student-t of ``nu = df`` degrees of freedom and covariance ``C``. Seeded from
-    ``generator`` (the Chi^2 sampler only uses the global generator, which is left as it was), drawn on the CPU and
-    moved to ``device``."""
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-        seed = _seed_from(generator)
-        if seed is not None:
-            torch.manual_seed(seed)
-        w = torch.distributions.Chi2(torch.tensor(float(df), dtype=torch.float64)).sample(shape)
-    return ((float(df) - 2) / w).to(device)
+    ``sqrt(w)`` is a draw of the Student-t of ``nu = df`` degrees of freedom and covariance ``C``.
+
+    Seeded from ``generator`` (else from torch's default generator) and drawn by a numpy generator of that seed, on
+    the CPU, then moved to ``device``: torch's Chi^2 sampler takes no generator, and seeding torch's global one
+    would race between the threads of :func:`~sbida.estimators.score.chunked_sampler`.
+    """
+    seed = _seed_from(generator) if generator is not None else int(torch.randint(2**62, (1,)))
+    w = np.random.default_rng(seed).chisquare(float(df), size=tuple(shape))
+    return torch.from_numpy((float(df) - 2) / w).to(device)
 
 
 class Posterior:

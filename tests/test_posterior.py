@@ -96,6 +96,20 @@ def test_student_t_posterior_has_the_covariance_and_scipy_density(form):
     assert not torch.equal(post.sample(7, generator=gen(3)), post.sample(7, generator=gen(4)))
 
 
+def test_student_t_mixing_is_seeded_by_its_generator_alone():
+    """The variance factors: mean 1 and the variance of (nu - 2) / chi^2_nu, the same for the same generator seed,
+    and torch's global generator left where it was."""
+    from sbida.posterior import student_t_mixing
+    state = torch.get_rng_state()
+    w = student_t_mixing(10.0, (20000, 2), torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(w, student_t_mixing(10.0, (20000, 2), torch.Generator().manual_seed(3)))
+    assert not torch.equal(w, student_t_mixing(10.0, (20000, 2), torch.Generator().manual_seed(4)))
+    # E[1 / chi^2_nu] = 1 / (nu - 2), Var = 2 / ((nu - 2)^2 (nu - 4)): mean 1, variance 2 / (nu - 4) = 1 / 3
+    assert w.shape == (20000, 2) and w.dtype == torch.float64
+    assert abs(float(w.mean()) - 1) < 0.02 and abs(float(w.var()) - 1 / 3) < 0.05, (float(w.mean()), float(w.var()))
+
+
 def test_student_t_posterior_errors():
     mean = torch.zeros(2, 3)
     for df in (2.0, 1.0, float("inf"), float("nan")):
