@@ -92,7 +92,8 @@ def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDatas
         save: where to save the trained estimator (``None``: not saved).
 
     Returns:
-        ``{"rmse", "nrmse", "crps", "spread_skill", "ece", "train_windows", "test_windows", "seconds"}`` (and
+        ``{"rmse", "nrmse", "crps", "spread_skill", "ece", "ece_d", "train_windows", "test_windows", "seconds"}``
+        (``ece_d``: by the distance statistic; and
         ``"rmse_early"``, ``"nrmse_early"``, ``"spread_skill_early"``, ``"ece_early"``, ``"early_windows"`` with
         ``early``).
     """
@@ -115,7 +116,7 @@ def train_and_score(task, estimator: str, train: WindowDataset, val: WindowDatas
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n_windows].sort().values
     r = evaluate(est, test, n_samples=n_samples, indices=idx, progress=progress, seed=seed)
     res = {"rmse": r.rmse, "nrmse": r.nrmse, "crps": r.crps, "spread_skill": r.spread_skill, "ece": r.coverage.ece,
-           "train_windows": len(train), "test_windows": len(idx), "seconds": seconds}
+           "ece_d": r.coverage.distance_ece, "train_windows": len(train), "test_windows": len(idx), "seconds": seconds}
     if early is not None:
         e = evaluate(est, test, n_samples=n_samples, indices=early, progress=progress, seed=seed)
         res |= {"rmse_early": e.rmse, "nrmse_early": e.nrmse, "spread_skill_early": e.spread_skill,
@@ -132,15 +133,20 @@ def transient_windows(data: WindowDataset, until: float, n: int, seed: int = 0) 
     return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]].sort().values
 
 
+def _fmt(v: float | None, width: int) -> str:
+    """``v`` to 3 decimals, or ``-`` (rows saved before the value existed)."""
+    return f"{'-' if v is None else f'{v:.3f}':>{width}s}"
+
+
 def _table(title: str, rows: list[dict]) -> str:
     early = any("rmse_early" in r for r in rows)
     lines = [title, f"  {'setting':18s} {'estimator':10s} {'windows':>8s} {'RMSE':>7s} {'nRMSE':>7s} {'CRPS':>7s} "
-                    f"{'spr/skl':>8s} {'ECE':>6s} {'train s':>8s}"
+                    f"{'spr/skl':>8s} {'ECE':>6s} {'ECE-d':>6s} {'train s':>8s}"
                     + (f" {'RMSE t<=T0':>11s} {'spr/skl':>8s} {'ECE':>6s}" if early else "")]
     for r in rows:
         lines.append(f"  {r['setting']:18s} {r['estimator']:10s} {r['train_windows']:>8d} {r['rmse']:>7.3f} "
                      f"{r['nrmse']:>7.3f} {r['crps']:>7.3f} {r['spread_skill']:>8.2f} {r['ece']:>6.3f} "
-                     f"{r['seconds']:>8.1f}"
+                     f"{_fmt(r.get('ece_d'), 6)} {r['seconds']:>8.1f}"
                      + (f" {r['rmse_early']:>11.3f} {r['spread_skill_early']:>8.2f} {r['ece_early']:>6.3f}"
                         if "rmse_early" in r else ""))
     if early:

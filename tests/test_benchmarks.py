@@ -32,7 +32,7 @@ def test_smoke_run_on_linear_gaussian(tmp_path):
     assert rec["reference"].startswith("exact")
     for r in rows.values():
         assert math.isfinite(r["rmse"]) and r["rmse"] > 0 and math.isfinite(r["nrmse"]) and r["nrmse"] > 0
-        assert 0 <= r["coverage_ece"] <= r["coverage_max_gap"] <= 1
+        assert 0 <= r["coverage_ece"] <= r["coverage_max_gap"] <= 1 and 0 <= r["distance_ece"] <= 1
         assert r["c2st_auc"] is not None and 0 <= r["c2st_auc"] <= 1  # against the exact posterior
         assert r["seconds_1000_samples_1_window"] > 0 and r["seconds_per_window"] > 0
         assert r["seconds_1000_windows"] == pytest.approx(1000 * r["seconds_per_window"])
@@ -46,7 +46,7 @@ def test_smoke_run_on_linear_gaussian(tmp_path):
     assert (tmp_path / "report.html").stat().st_size > 0
     assert json.loads((tmp_path / "benchmark.json").read_text())["rows"] == rec["rows"]
     table = bench.format_table(rec["rows"])
-    assert len(table.splitlines()) == 4 and "C2ST" in table and "x4DVar" in table
+    assert len(table.splitlines()) == 4 and "C2ST" in table and "x4DVar" in table and "ECE-d" in table
     # the point-estimate table: NPE's flow centre and 4D-Var's analysis alone, the mean of its Gaussian posterior (the
     # main table's RMSE is that of the mean of 32 samples of it: within a few per cent)
     points = {r["method"]: r for r in rec["point_rows"]}
@@ -237,9 +237,13 @@ def test_ablations_run_scores_every_estimator_on_the_requested_test_windows(caps
     rows = out["budget"]
     assert [r["setting"] for r in rows] == [f"{b:g} windows" for b in ablations.BUDGETS["smoke"]["budgets"]]
     assert all(r["estimator"] == "npe" and r["test_windows"] == 3 for r in rows)
-    assert all(math.isfinite(r["nrmse"]) and 0 <= r["ece"] <= 0.5 for r in rows)
+    assert all(math.isfinite(r["nrmse"]) and 0 <= r["ece"] <= 0.5 and 0 <= r["ece_d"] <= 0.5 for r in rows)
     assert rows[0]["train_windows"] < rows[1]["train_windows"]
-    assert "simulation budget (lorenz96)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "simulation budget (lorenz96)" in printed and "ECE-d" in printed
+    # rows saved before ECE-d existed print "-" there
+    old = {k: v for k, v in rows[0].items() if k != "ece_d"}
+    assert ablations._table("t", [old]).splitlines()[-1].split()[-2] == "-"
     with pytest.raises(ValueError, match="samples must be a positive"):
         ablations.run("smoke", ["npe"], ["budget"], K=8, samples=0)
 
