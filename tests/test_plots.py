@@ -44,6 +44,12 @@ def test_plot_coverage(results):
     assert len(ax.lines) == 5 and len(ax.collections) == 0
     assert any("narrow" in t.get_text() for t in ax.get_legend().get_texts())
     fig.savefig(__import__("io").BytesIO(), format="png")
+    # the distance curve beside a highest-density one (none for a result measured by distance already)
+    hpd = dg.CoverageResult.from_credibility(torch.rand(300, generator=torch.Generator().manual_seed(2)), "hpd",
+                                             distance_credibility=torch.rand(300))
+    ax = plot_coverage({"hpd": hpd, "good": results["good"][0]}, distance=True, band=0).axes[0]
+    assert len(ax.lines) == 4 and ax.lines[2].get_linestyle() == "-."
+    assert np.allclose(ax.lines[2].get_ydata(), hpd.distance.numpy())
 
 
 def test_plot_spectrum():

@@ -209,11 +209,13 @@ def render(results: Mapping[str, EvaluationResult], dataset: Any = None, *, titl
         sections += ["<h2>Run</h2>", _kv_table(info, "info")]
     sections += ["<h2>Scores and calibration</h2>", _table(rows),
                  '<p class="note">RMSE, nRMSE (RMSE / climatological std) and CRPS: lower is better. spread/skill: 1 '
-                 "when the spread matches the error. Coverage ECE: mean |coverage - level| (0 when calibrated). SBC "
+                 "when the spread matches the error. Coverage ECE: mean |coverage - level| (0 when calibrated), by "
+                 "highest density where the posterior has a density, else by a distance statistic; ECE (distance): "
+                 "by the distance statistic for every method (dash-dotted in the coverage plot). SBC "
                  "p-value: uniformity of ranks (small: miscalibrated). TARP ATC: below 0 over-confident, above 0 "
                  "under-confident. C2ST AUC against the reference: 0.5 when indistinguishable.</p>"]
     sections += ["<h2>Coverage</h2>",
-                 _img(plot_coverage({n: r.coverage for n, r in results.items()}, marginal=False),
+                 _img(plot_coverage({n: r.coverage for n, r in results.items()}, marginal=False, distance=True),
                       "expected coverage of all methods against the credibility level", "coverage curves"),
                  "<h2>Simulation-based calibration</h2>",
                  _img(_sbc_panels(results), "ECDF of the normalized ranks minus the uniform CDF, per method",

@@ -67,7 +67,7 @@ def _coverage_band(ax, n_windows: int, band: float, label: str) -> None:
 
 
 def plot_coverage(results: CoverageResult | Mapping[str, CoverageResult], ax: Axes | None = None,
-                  band: float = 0.95, marginal: bool = False) -> Figure:
+                  band: float = 0.95, marginal: bool = False, distance: bool = False) -> Figure:
     """Expected coverage against credibility level, with the binomial band of a calibrated posterior.
 
     Args:
@@ -75,6 +75,8 @@ def plot_coverage(results: CoverageResult | Mapping[str, CoverageResult], ax: Ax
         ax: axes to draw into (default: a new figure).
         band: probability of the band (0 to leave it out).
         marginal: also draw the marginal (central interval) curves, dotted.
+        distance: also draw the distance-statistic curves of results measured by highest density, dash-dotted
+            (where they were computed: :func:`~sbida.diagnostics.evaluate` does).
 
     Returns:
         The figure.
@@ -91,6 +93,9 @@ def plot_coverage(results: CoverageResult | Mapping[str, CoverageResult], ax: Ax
         if marginal and r.marginal is not None:
             ax.plot(r.levels.numpy(), r.marginal.numpy(), ls=":", color=line.get_color(),
                     label=f"{name + ' ' if name else ''}marginal (ECE {r.marginal_ece:.3f})")
+        if distance and r.method != "distance" and r.distance is not None:
+            ax.plot(r.levels.numpy(), r.distance.numpy(), ls="-.", color=line.get_color(),
+                    label=f"{name + ' ' if name else ''}(distance, ECE {r.distance_ece:.3f})")
     ax.legend(fontsize="small", loc="upper left")
     return fig
 
