@@ -248,6 +248,22 @@ def test_ablations_run_scores_every_estimator_on_the_requested_test_windows(caps
         ablations.run("smoke", ["npe"], ["budget"], K=8, samples=0)
 
 
+def test_coda_mask_ablation_keeps_the_data_mask_and_hides_it_from_the_network(monkeypatch):
+    """CODA's loss reads the mask: its "mask of ones" row trains on the real mask with ``mask_input=False``; the
+    other estimators get the data with a mask of ones."""
+    seen = []
+
+    def fake(task, est, train, val, test, fit, **kw):
+        seen.append((est, bool(train.mask.all()), kw["hparams"].get(est, {}).get("mask_input", True)))
+        return {"rmse": 1.0, "nrmse": 1.0, "crps": 1.0, "spread_skill": 1.0, "ece": 0.1, "ece_d": 0.1,
+                "train_windows": len(train), "test_windows": 3, "seconds": 1.0}
+
+    monkeypatch.setattr(ablations, "train_and_score", fake)
+    ablations.run("smoke", ["npe", "coda"], ["mask"], K=8, windows=3, samples=8)
+    # (estimator, training mask all ones, mask_input) of the rows with and without the mask
+    assert seen == [("npe", False, True), ("npe", True, True), ("coda", False, True), ("coda", False, False)], seen
+
+
 def test_ablations_subsets_of_lengths_and_budgets_score_the_same_rows(capsys):
     """A subset of the budgets (one process's share of a long run) trains on the same windows and scores on the same
     test windows as the whole run: its row is the whole run's row, to the last digit."""

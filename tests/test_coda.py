@@ -47,6 +47,24 @@ def test_windows_pick_the_right_observations(sparse):
         CODAWindows(data, rollout=0)
 
 
+def test_without_the_mask_input_the_network_sees_only_the_observed_values(sparse):
+    """``mask_input=False`` (the mask ablation): the analysis depends on the observed values alone, not on where the
+    mask is nor on what lies under it; with the mask input (the default) it depends on the mask."""
+    task, data = sparse
+    _, y, m, _ = data.get(torch.arange(4))
+    torch.manual_seed(0)
+    est = CODA(task, channels=[8, 16], rollout=5, mask_input=False)
+    est.fit_standardization(data)
+    noisy = torch.where(m, y, torch.randn_like(y))  # other values under the mask
+    with torch.no_grad():
+        a = est.analysis(y, m)
+        assert torch.allclose(a, est.analysis(noisy, m))
+        assert torch.allclose(a, est.analysis(torch.where(m, y, torch.zeros_like(y)), torch.ones_like(m)))
+        est.hparams["mask_input"] = True
+        assert not torch.allclose(a, est.analysis(y, m)) and not torch.allclose(est.analysis(y, m),
+                                                                                 est.analysis(noisy, m))
+
+
 def test_loss_at_the_truth_is_the_noise_level(sparse):
     """At the true states the data term is E[sum m eps^2] / D = (w+1) (1 - p_missing) and the model term is 0."""
     task, data = sparse

@@ -85,13 +85,16 @@ class CODA(Estimator):
             ``tune`` (``{name: initial value}``), ``param_lr``, ``closure`` (``None`` or
             ``{"hidden", "layers", "stencil"}``), ``uncertainty`` (``"laplace"`` or ``"none"``), ``laplace_lags``
             (``"window"`` or ``"forward"``), ``calibration_lags`` (lags after the window used by
-            :meth:`calibrate_laplace` after :meth:`fit`; ``0``: no calibration, the scale stays 1).
+            :meth:`calibrate_laplace` after :meth:`fit`; ``0``: no calibration, the scale stays 1), ``mask_input``
+            (``True``: the network sees where the observations are, as a channel beside their values; ``False``: a
+            channel of ones and the missing values at the observations' mean, the mask ablation of
+            ``benchmarks/ablations.py``; the training loss keeps the observations' mask either way).
     """
 
     needs_task = True  # load() rebuilds the dynamics and the observation model from the stored task
     defaults = {"channels": [32, 64, 128], "rollout": 25, "alpha": 1.0, "tune": None, "param_lr": 1e-2,
                 "closure": None, "uncertainty": "laplace", "laplace_lags": "window", "calibration_lags": 5,
-                "every": None}
+                "every": None, "mask_input": True}
 
     def __init__(self, task: Any = None, *, simulator: Simulator | None = None, **kwargs: Any):
         super().__init__(task, **kwargs)
@@ -146,6 +149,8 @@ class CODA(Estimator):
         """The network's estimate from standardized windows ``(B, T, *obs)``: states ``(B, *state)``, original units."""
         B, T = y.shape[:2]
         m = mask.to(y.dtype)
+        if not self.hparams["mask_input"]:  # what a network without the mask channel sees
+            y, m = y * m, torch.ones_like(m)
         if self.lift is not None:
             v = ((y * m).flatten(2) @ self.lift).reshape(B, T, *self.state_shape)
             w = (m.flatten(2) @ self.lift).reshape(B, T, *self.state_shape)
