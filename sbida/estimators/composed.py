@@ -211,12 +211,21 @@ class GaussianNoise:
         out.U = None if self.U is None else self.U[rows]
         return out
 
-    def __call__(self, x: Tensor, mu: Tensor, sigma: Tensor, factor: Tensor | float = 1.0) -> Tensor:
+    def __call__(self, x: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
         """``eps_G`` of states ``x (n, N, D)`` (row ``j`` of every sample under Gaussian ``j``) at ``mu, sigma``
-        broadcastable to ``(n, N, 1)``; with ``factor`` (broadcastable to ``(n, N, 1)``), of the Gaussians of the same
-        means and their covariances times ``factor``."""
-        d = x - mu * self.mean
-        gain = sigma * self.p / (factor * mu**2 + sigma**2 * self.p)
+        broadcastable to ``(n, N, 1)``."""
+        return self._apply(x - mu * self.mean, self._gain(mu, sigma, 1.0))
+
+    def widened(self, x: Tensor, mu: Tensor, sigma: Tensor, factor: Tensor | float) -> Tensor:
+        """What ``eps_G`` gains when the covariances are multiplied by ``factor`` (broadcastable to ``(n, N, 1)``):
+        the noise of the Gaussians of the same means and covariances times ``factor``, minus ``self(x, mu, sigma)``
+        (one projection for both)."""
+        return self._apply(x - mu * self.mean, self._gain(mu, sigma, factor) - self._gain(mu, sigma, 1.0))
+
+    def _gain(self, mu: Tensor, sigma: Tensor, factor: Tensor | float) -> Tensor:
+        return sigma * self.p / (factor * mu**2 + sigma**2 * self.p)
+
+    def _apply(self, d: Tensor, gain: Tensor) -> Tensor:
         if self.U is None:
             return gain * d
         return torch.einsum("bij,nbj->nbi", self.U, gain * torch.einsum("bji,nbj->nbi", self.U, d))
@@ -754,8 +763,8 @@ class ComposedScore(Estimator):
                     out = compose_eps(e, prec[:, None], r, correction).reshape(x.shape)
                 if factor is None:
                     return out
-                xf = x.reshape(n, B, -1)  # the Gaussian part's noise swapped for that of the calibrated one
-                return out + (window(xf, mu, sigma, factor) - window(xf, mu, sigma)).reshape(x.shape)
+                # the Gaussian part's noise swapped for that of the calibrated one
+                return out + window.widened(x.reshape(n, B, -1), mu, sigma, factor).reshape(x.shape)
 
             return eps_fn
 
