@@ -45,7 +45,7 @@ from sbida.diagnostics import evaluate
 from sbida.runs import EstimatorSpec, RunConfig, _estimator_settings, fit_from_state, resumable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import ESTIMATOR_SHORT  # noqa: E402  (the sampler settings of the short modes, as in run.py)
+from run import ESTIMATOR_SHORT, _fmt  # noqa: E402  (the short modes' sampler settings; "-" for missing values)
 
 __all__ = ["without_time", "without_mask", "train_and_score", "transient_windows", "BUDGETS", "TRANSIENT"]
 
@@ -135,11 +135,6 @@ def transient_windows(data: WindowDataset, until: float, n: int, seed: int = 0) 
     return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]].sort().values
 
 
-def _fmt(v: float | None, width: int) -> str:
-    """``v`` to 3 decimals, or ``-`` (rows saved before the value existed)."""
-    return f"{'-' if v is None else f'{v:.3f}':>{width}s}"
-
-
 def _table(title: str, rows: list[dict]) -> str:
     early = any("rmse_early" in r for r in rows)
     lines = [title, f"  {'setting':18s} {'estimator':10s} {'windows':>8s} {'RMSE':>7s} {'nRMSE':>7s} {'CRPS':>7s} "
@@ -148,7 +143,7 @@ def _table(title: str, rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"  {r['setting']:18s} {r['estimator']:10s} {r['train_windows']:>8d} {r['rmse']:>7.3f} "
                      f"{r['nrmse']:>7.3f} {r['crps']:>7.3f} {r['spread_skill']:>8.2f} {r['ece']:>6.3f} "
-                     f"{_fmt(r.get('ece_d'), 6)} {r['seconds']:>8.1f}"
+                     f"{_fmt(r.get('ece_d'), '{:.3f}'):>6s} {r['seconds']:>8.1f}"
                      + (f" {r['rmse_early']:>11.3f} {r['spread_skill_early']:>8.2f} {r['ece_early']:>6.3f}"
                         if "rmse_early" in r else ""))
     if early:
