@@ -1,19 +1,20 @@
-"""NPE's spread inflation, tails and base scales on Lorenz-96: test calibration at inflation 1, at the factors fitted
-on validation windows, with the fitted Student-t base and with the fitted scales of the base.
+"""NPE's spread inflation, tails, base scales and spread per wavenumber on Lorenz-96: test calibration at inflation 1,
+at the factors fitted on validation windows, with the fitted Student-t base and with the fitted scales.
 
 Trains the default NPE on the ``lorenz96`` task (or ``--task``, e.g. ``lorenz96-sparse``; K=40 unless ``--K``) for
 ``--minutes`` minutes of wall clock (or loads ``--checkpoint``), fits the inflation on validation windows with both
 criteria of :meth:`NPE.fit_inflation` (``coverage``: the joint highest-density ECE; ``nll``: the likelihood of the true
 states) and the degrees of freedom of a Student-t base (:meth:`NPE.fit_tails`) and the per-dimension scales of the base
-(:meth:`NPE.fit_scale`, then the tails again, as ``fit`` does), then evaluates the test windows (``--windows`` x
-``--samples``) with the Gaussian base at factor 1, at each fitted factor and at the ``--factors`` given, with the
-fitted tails at factor 1 and at the factor fitted by ``nll`` with them, and with the fitted scales (Gaussian base, and
-with their tails). Each row prints RMSE, nRMSE, CRPS, spread/skill, the joint ECE (highest density) and its largest
-gap, the marginal ECE, the joint ECE by the distance statistic (ECE-d) and the joint coverage at the levels 0.05,
-0.25, 0.45, 0.65, 0.85 and 0.95: a curve flatter than the diagonal (over at low levels, under at high ones) is a
-spread that is wrong in different directions in different windows, which no single factor corrects. Last, the
-spread/skill ratio per wavenumber of the state at factor 1 (:func:`sbida.diagnostics.spread_skill_spectrum`) shows at
-which scales the spread is wrong.
+(:meth:`NPE.fit_scale`, then the tails again) and after them the spread per wavenumber (:meth:`NPE.fit_spectrum`, then
+the tails again: what ``fit`` does by default), then evaluates the test windows (``--windows`` x ``--samples``) with the
+Gaussian base at factor 1, at each fitted factor and at the ``--factors`` given, with the fitted tails at factor 1 and
+at the factor fitted by ``nll`` with them, with the fitted scales (Gaussian base, and with their tails) and with the
+scales and the spread per wavenumber (Gaussian base, and with their tails). Each row prints RMSE, nRMSE, CRPS,
+spread/skill, the joint ECE (highest density) and its largest gap, the marginal ECE, the joint ECE by the distance
+statistic (ECE-d) and the joint coverage at the levels 0.05, 0.25, 0.45, 0.65, 0.85 and 0.95: a curve flatter than the
+diagonal (over at low levels, under at high ones) is a spread that is wrong in different directions in different
+windows, which no single factor corrects. Last, the spread/skill ratio per wavenumber of the state at factor 1
+(:func:`sbida.diagnostics.spread_skill_spectrum`) shows at which scales the spread is wrong.
 
     python benchmarks/inflation.py [--task lorenz96] [--minutes 10] [--data runs/l96.h5] [--checkpoint PATH]
                                    [--save PATH]
@@ -103,8 +104,9 @@ def main() -> None:
         train_s = time.perf_counter() - t0
         if a.save:
             est.save(a.save)
-    est.hparams["tails"] = None  # the Gaussian, unscaled base (fit() fits the scales and tails by default)
+    est.hparams["tails"] = None  # the Gaussian, unscaled base (fit() fits the scales, spectrum and tails by default)
     est.base_scale.fill_(1.0)
+    est.spectrum_scale.fill_(1.0)
     fits = {}
     for criterion in ("coverage", "nll"):
         t0 = time.perf_counter()
@@ -130,11 +132,23 @@ def main() -> None:
           f"{scales['nll_before']:.3f}); with them nu {scaled_tails['tails']:.2f}, NLL {scaled_tails['nll']:.3f}; "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
     nu_s = scaled_tails["tails"]
-    rows = [("1", 1.0, None, False), ("coverage fit", fits["coverage"]["inflation"], None, False),
-            ("nll fit", fits["nll"]["inflation"], None, False)]
-    rows += [("given", float(f), None, False) for f in a.factors]
-    rows += [(f"tails nu={nu:.1f}", 1.0, nu, False), ("tails + nll fit", tails_nll, nu, False),
-             ("scales", 1.0, None, True), (f"scales + nu={nu_s:.1f}", 1.0, nu_s, True)]
+    est.hparams["tails"] = None
+    t0 = time.perf_counter()
+    spectrum = est.fit_spectrum(val, windows=a.fit_windows, seed=0)
+    spectral_tails = est.fit_tails(val, windows=4 * a.fit_windows, seed=0)
+    fitted_spectrum = est.spectrum_scale.clone()
+    print(f"fit of the spread per wavenumber (after the scales): {spectrum['own']} bins of their own, factors "
+          + " ".join(f"{g:.3f}" for g in spectrum["gains"]) + f"; validation NLL {spectrum['nll']:.3f} nats per "
+          f"window (before {spectrum['nll_before']:.3f}); with them nu {spectral_tails['tails']:.2f}, NLL "
+          f"{spectral_tails['nll']:.3f}; {time.perf_counter() - t0:.1f} s", flush=True)
+    nu_w = spectral_tails["tails"]
+    # name, inflation, tails, base scales, spectral scales
+    rows = [("1", 1.0, None, False, False), ("coverage fit", fits["coverage"]["inflation"], None, False, False),
+            ("nll fit", fits["nll"]["inflation"], None, False, False)]
+    rows += [("given", float(f), None, False, False) for f in a.factors]
+    rows += [(f"tails nu={nu:.1f}", 1.0, nu, False, False), ("tails + nll fit", tails_nll, nu, False, False),
+             ("scales", 1.0, None, True, False), (f"scales + nu={nu_s:.1f}", 1.0, nu_s, True, False),
+             ("scales + spectrum", 1.0, None, True, True), (f"sc + spec + nu={nu_w:.1f}", 1.0, nu_w, True, True)]
     # a random set of test windows (the first ones would come from a couple of trajectories), as ablations.py
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:a.windows].sort().values
     levels = " ".join(f"{0.05 + 0.05 * i:.2f}" for i in LEVELS)
@@ -142,21 +156,24 @@ def main() -> None:
     print(f"{'inflation':<22}{'RMSE':>7}{'nRMSE':>8}{'CRPS':>7}{'spr/skl':>9}{'ECE':>7}{'maxgap':>8}{'marg':>7}"
           f"{'ECE-d':>7}   joint coverage at {levels}")
     out = []
-    for name, s, nu_row, scaled in rows:
+    for name, s, nu_row, scaled, spectral in rows:
         est.hparams["inflation"], est.hparams["tails"] = s, nu_row
         est.base_scale.copy_(fitted_scale if scaled else torch.ones_like(fitted_scale))
+        est.spectrum_scale.copy_(fitted_spectrum if spectral else torch.ones_like(fitted_spectrum))
         res = evaluate(est, test, n_samples=a.samples, indices=idx, progress=False, seed=0)
         cov = res.coverage
         curve = [float(cov.coverage[i]) for i in LEVELS]
         print(f"{name + f' {s:.4f}':<22}{res.rmse:>7.3f}{res.nrmse:>8.4f}{res.crps:>7.3f}{res.spread_skill:>9.3f}"
               f"{cov.ece:>7.4f}{cov.max_gap:>8.3f}{cov.marginal_ece:>7.4f}{cov.distance_ece:>7.4f}   "
               + " ".join(f"{c:.2f}" for c in curve), flush=True)
-        out.append({"row": name, "inflation": s, "tails": nu_row, "scaled": scaled, "rmse": res.rmse,
+        out.append({"row": name, "inflation": s, "tails": nu_row, "scaled": scaled, "spectral": spectral,
+                    "rmse": res.rmse,
                     "nrmse": res.nrmse, "crps": res.crps, "spread_skill": res.spread_skill, "ece": cov.ece,
                     "max_gap": cov.max_gap, "marginal_ece": cov.marginal_ece, "distance_ece": cov.distance_ece,
                     "coverage": cov.coverage.tolist()})
     est.hparams["inflation"], est.hparams["tails"] = 1.0, None
     est.base_scale.fill_(1.0)
+    est.spectrum_scale.fill_(1.0)
     x, y, m, t = test.get(idx)
     with torch.no_grad():
         draws = est.posterior(y, m, t).sample(a.samples, generator=torch.Generator().manual_seed(0))
@@ -166,7 +183,8 @@ def main() -> None:
     if a.json:
         Path(a.json).write_text(json.dumps({"K": a.K, "train_seconds": train_s, "windows": len(idx),
                                             "samples": a.samples, "fits": fits, "tails": tails, "scales": scales,
-                                            "scaled_tails": scaled_tails, "rows": out,
+                                            "scaled_tails": scaled_tails, "spectral_fit": spectrum,
+                                            "spectral_tails": spectral_tails, "rows": out,
                                             "spectrum": ratio.tolist()}, indent=1))
 
 

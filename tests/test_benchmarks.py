@@ -373,8 +373,9 @@ def test_linear_gaussian_measure_passes_the_exact_posterior_and_fails_a_shifted_
 # -- inflation.py ------------------------------------------------------------------------------------------------------
 def test_inflation_script_scores_every_row(tmp_path, monkeypatch, capsys):
     """A tiny run (K=8, seconds of training): every row is scored on the same test windows, the Gaussian rows with
-    the Gaussian base, the next two with the fitted tails, the last two with the fitted scales of the base (and their
-    own tails); the JSON holds the fits."""
+    the Gaussian base, the next two with the fitted tails, the next two with the fitted scales of the base (and their
+    own tails), the last two with the scales and the spread per wavenumber (and their own tails); the JSON holds the
+    fits."""
     out = tmp_path / "infl.json"
     monkeypatch.setattr(sys, "argv", ["inflation.py", "--K", "8", "--trajectories", "20", "--minutes", "0.02",
                                       "--windows", "16", "--samples", "8", "--fit-windows", "16", "--factors", "1.1",
@@ -384,8 +385,10 @@ def test_inflation_script_scores_every_row(tmp_path, monkeypatch, capsys):
     rows = [r["row"] for r in d["rows"]]
     assert rows[:4] == ["1", "coverage fit", "nll fit", "given"] and rows[4].startswith("tails nu=")
     assert [r["tails"] for r in d["rows"]] == [None] * 4 + [d["tails"]["tails"]] * 2 + [
-        None, d["scaled_tails"]["tails"]] and d["tails"]["tails"] >= 3
-    assert [r["scaled"] for r in d["rows"]] == [False] * 6 + [True] * 2 and rows[6] == "scales"
+        None, d["scaled_tails"]["tails"], None, d["spectral_tails"]["tails"]] and d["tails"]["tails"] >= 3
+    assert [r["scaled"] for r in d["rows"]] == [False] * 6 + [True] * 4 and rows[6] == "scales"
+    assert [r["spectral"] for r in d["rows"]] == [False] * 8 + [True] * 2 and rows[8] == "scales + spectrum"
+    assert len(d["spectral_fit"]["gains"]) == 5 and d["spectral_fit"]["windows"] == 16
     assert d["scales"]["scale_min"] <= d["scales"]["scale_median"] <= d["scales"]["scale_max"]
     assert d["rows"][3]["inflation"] == 1.1 and d["rows"][1]["inflation"] == d["fits"]["coverage"]["inflation"]
     assert all(len(r["coverage"]) == 19 for r in d["rows"]) and d["windows"] == 16 and len(d["spectrum"]) == 5

@@ -270,6 +270,13 @@ def test_spread_skill_spectrum_adds_up_to_the_overall_ratio():
     overall = float((ratio.square() * err_bins).sum() / err_bins.sum())
     assert overall == pytest.approx(dg.spread_skill(ens, truth) ** 2, rel=1e-6)
     assert float(spread_power.sum() / err_power.sum() * 7 / 6) == pytest.approx(overall, rel=1e-9)
+    # per window, the powers add up to the sums over windows; on (C, H, W) grids the channels are pooled
+    for shape in ((16,), (2, 6, 5)):
+        e, x = torch.randn(6, 4, *shape, generator=g), torch.randn(4, *shape, generator=g)
+        (sp, er), (sp_w, er_w) = dg.scores.spectral_powers(e, x), dg.scores.spectral_powers(e, x, per_window=True)
+        assert sp_w.shape == er_w.shape == (4, len(sp)) and torch.allclose(sp_w.sum(0), sp)
+        assert torch.allclose(er_w.sum(0), er) and torch.allclose(er_w.sum(1), (x.double() - e.double().mean(0)).square(
+            ).flatten(1).sum(1) * math.prod(shape[-2:] if len(shape) == 3 else shape))  # Parseval, per window
 
 
 # -- arviz -----------------------------------------------------------------------------------------------------------

@@ -202,10 +202,18 @@ def is_grid(state_shape: tuple[int, ...]) -> bool:
     return len(state_shape) in (1, 3)
 
 
-def spectral_powers(samples: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
+def wavenumber_bins(grid: tuple[int, ...]) -> Tensor:
+    """The wavenumber bin of each point of the full (``torch.fft.fftn``) Fourier grid of a periodic grid ``grid``
+    (``(K,)`` or ``(H, W)``): ``|k|`` in 1-D, the rounded radial ``sqrt(k_x^2 + k_y^2)`` in 2-D; ``grid``-shaped
+    int64, bins ``0, 1, ...`` up to the largest."""
+    freqs = [torch.fft.fftfreq(n, 1.0 / n, dtype=torch.float64) for n in grid]
+    return torch.stack(torch.meshgrid(*freqs, indexing="ij")).square().sum(0).sqrt().round().long()
+
+
+def spectral_powers(samples: Tensor, truth: Tensor, per_window: bool = False) -> tuple[Tensor, Tensor]:
     """The power per wavenumber of the members' departures from their mean (unbiased member variance) and of the
-    truth's, summed over windows (and channels): ``(k,)`` each in float64, which add up over batches of windows.
-    Arguments as :func:`spread_skill_spectrum`."""
+    truth's, summed over windows (and channels): ``(k,)`` each in float64, which add up over batches of windows
+    (``per_window``: ``(B, k)`` each, summed over channels only). Arguments as :func:`spread_skill_spectrum`."""
     truth = check_truth(truth)
     s = check_samples(samples, truth)
     M = s.shape[0]
@@ -219,13 +227,13 @@ def spectral_powers(samples: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
     spread_power = sum(torch.fft.fftn(s[i:i + step].double() - mean, dim=dims).abs().square().sum(0)
                        for i in range(0, M, step)) / (M - 1)  # (B, *state)
     error_power = torch.fft.fftn(truth.double() - mean, dim=dims).abs().square()
-    freqs = [torch.fft.fftfreq(n, 1.0 / n, dtype=torch.float64) for n in truth.shape[len(truth.shape) - len(dims):]]
-    radius = torch.stack(torch.meshgrid(*freqs, indexing="ij")).square().sum(0).sqrt().round().long()  # grid shape
-    k = int(radius.max()) + 1
+    radius = wavenumber_bins(tuple(truth.shape[len(truth.shape) - len(dims):])).to(truth.device)
+    k, B = int(radius.max()) + 1, truth.shape[0]
 
     def per_bin(power: Tensor) -> Tensor:
-        p = power.reshape(-1, *radius.shape).sum(0).reshape(-1)  # windows and channels pooled
-        return torch.zeros(k, dtype=torch.float64).index_add_(0, radius.reshape(-1), p)
+        p = power.reshape(B, -1, radius.numel()).sum(1)  # (B, grid points): channels pooled
+        p = p.new_zeros(B, k).index_add_(1, radius.reshape(-1), p)
+        return p if per_window else p.sum(0)
 
     return per_bin(spread_power), per_bin(error_power)
 

@@ -67,6 +67,18 @@ correlated), so a flow that is right is left as it is. ``scale_fit`` (on by defa
 fitted after it (10 of 40 dimensions scaled by 1.1-1.7, the others by 1.03; a common inflation fitted by coverage
 gives 0.020, with a marginal ECE of 0.014 against 0.008); on the linear-Gaussian task it changes no scale
 (``benchmarks/RESULTS.md``).
+
+Spread per wavenumber. The base scales correct the spread along the flow's latent dimensions, which are not the
+state's scales; the spread/skill spectrum (:func:`sbida.diagnostics.spread_skill_spectrum`) measures it per
+wavenumber of the state's grid, and on ``lorenz96`` K=40 a trained NPE is too narrow at some wavenumbers and too
+wide at others. The buffer ``spectrum_scale`` ``(k,)`` (ones by default) is
+one factor :math:`g_k` per wavenumber bin on the standardized state's departure from the image :math:`\tilde x_c`
+of the flow's centre, :math:`\tilde x \mapsto \tilde x_c + \mathcal F^{-1}(g_{|k|} \mathcal F(\tilde x -
+\tilde x_c))` (:class:`SpectralScale`: linear, exact density), after the head. :meth:`NPE.fit_spectrum` sets the
+factors from the ratio of the truths' error power to the draws' spread power per wavenumber on held-out windows,
+with the significance test of the base scales; ``spectrum_fit`` (on by default) does it at the end of
+:meth:`~sbida.estimators.base.Estimator.fit`, after the base scales and before the tails (whose ``nu`` is fitted
+for the corrected spread).
 """
 
 from __future__ import annotations
@@ -80,12 +92,13 @@ import torch
 import torch.nn.functional as F
 import zuko
 from torch import Tensor
-from torch.distributions import AffineTransform, Distribution, TransformedDistribution
+from torch.distributions import AffineTransform, Distribution, Transform, TransformedDistribution, constraints
 from zuko.distributions import NormalizingFlow
 from zuko.transforms import ComposedTransform
 
 from ..data import WindowDataset
 from ..diagnostics.coverage import coverage_curve, default_levels
+from ..diagnostics.scores import spectral_powers, wavenumber_bins
 from ..nn import GridFlow, IsotropicStudentT, WindowEncoder, periodic_conv
 from ..posterior import DistributionPosterior, PointPosterior, _seed_from, fit_student_t
 from .base import Batch, Estimator
@@ -93,6 +106,91 @@ from .base import Batch, Estimator
 __all__ = ["NPE"]
 
 _SOFTPLUS_ONE = math.log(math.e - 1)  # softplus(_SOFTPLUS_ONE) == 1
+
+
+def _gated_log_ratios(v: Tensor, w: Tensor, cluster: Tensor, name: str, kept: str) -> tuple[Tensor, Tensor]:
+    r"""The logs of the ratios :math:`\bar v_j / \bar w_j` of column means of ``v, w`` ``(n, k)`` (e.g. squared errors
+    and their expected values under the model, which agree for a calibrated model), kept only where they differ from
+    0 beyond chance; ``(k,)`` log ratios (0 where kept) and ``(k,)`` bool: the columns with their own.
+
+    The rows are correlated within the groups ``cluster`` ``(n,)`` (the windows of a trajectory), so standard errors
+    are by group (cluster-robust, delta method). A column gets its own ratio where its log is further from 0 than all
+    ``k`` would be by chance with probability 1 % (Bonferroni: the :math:`1 - 0.005 / k` quantile of Student's t with
+    ``G - 1`` degrees of freedom, ``G`` groups, times the standard error); the other columns share their pooled
+    ratio where its log is further from 0 than the 0.995 quantile times its error. Rows of one group give no error:
+    a warning (``name``, ``kept``), and all logs are 0."""
+    n, k = v.shape
+    G = int(cluster.max()) + 1
+    log_ratio, own = v.new_zeros(k), torch.zeros(k, dtype=torch.bool)
+    if G < 2:
+        warnings.warn(f"the windows of {name} come from one trajectory: {kept}", stacklevel=3)
+        return log_ratio, own
+
+    def log_and_se(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        ma, mb = a.mean(0), b.mean(0)
+        dev = a.new_zeros(G, a.shape[1]).index_add_(0, cluster, a / ma - b / mb)
+        return (ma / mb).log(), (dev.square().sum(0) * G / (G - 1)).sqrt() / n
+
+    from scipy.stats import t as student_t  # imported here: scipy is slow to import
+
+    bound, bound_pooled = (float(student_t.ppf(q, G - 1)) for q in (1 - 0.005 / k, 0.995))
+    ell, se = log_and_se(v, w)
+    own = ell.abs() > bound * se
+    log_ratio[own] = ell[own]
+    if not bool(own.all()):
+        pooled, se_pooled = log_and_se(v[:, ~own].sum(1, keepdim=True), w[:, ~own].sum(1, keepdim=True))
+        if float(pooled.abs()) > bound_pooled * float(se_pooled):
+            log_ratio[~own] = pooled
+    return log_ratio, own
+
+
+class SpectralScale(Transform):
+    r"""A spread map per wavenumber about a centre: :math:`x \mapsto c + \mathcal F^{-1}\big(g_{|k|}\,
+    \mathcal F(x - c)\big)` for flat states ``x`` ``(..., D)`` on a periodic grid, ``g`` one factor per wavenumber
+    bin (:func:`sbida.diagnostics.scores.wavenumber_bins`; the channels of ``(C, H, W)`` states share them).
+
+    The map is linear about ``c``, symmetric and circulant: the covariance of ``x`` is multiplied by :math:`g^2` at each
+    wavenumber, and its log-determinant is the sum of :math:`\log g` over the points of the full Fourier grid (times
+    the channels), one number for all ``x``.
+
+    Args:
+        centre: ``(..., D)`` the fixed point ``c`` (e.g. per window).
+        gains: ``(k,)`` positive factors ``g``, one per wavenumber bin.
+        state_shape: ``(K,)`` or ``(C, H, W)``, with ``prod(state_shape) == D``.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, centre: Tensor, gains: Tensor, state_shape: tuple[int, ...], cache_size: int = 0):
+        super().__init__(cache_size=cache_size)
+        self.centre, self.state_shape = centre, tuple(state_shape)
+        self.dims = (-1,) if len(self.state_shape) == 1 else (-2, -1)
+        grid = self.state_shape[-len(self.dims):]
+        bins = wavenumber_bins(grid).to(gains.device)
+        if gains.dim() != 1 or len(gains) != int(bins.max()) + 1 or not bool((gains > 0).all()):
+            raise ValueError(f"gains must be {int(bins.max()) + 1} factors > 0 for a grid {grid}, got "
+                             f"{tuple(gains.shape)}")
+        g = gains.to(centre.dtype)
+        self.gain = g[bins[..., : grid[-1] // 2 + 1]]  # on the half grid of rfftn (g is even in k)
+        channels = 1 if len(self.state_shape) == 1 else self.state_shape[0]
+        self.log_det = channels * g.log()[bins].sum()
+
+    def _apply(self, x: Tensor, gain: Tensor) -> Tensor:
+        d = (x - self.centre).reshape(*x.shape[:-1], *self.state_shape)
+        grid = self.state_shape[-len(self.dims):]
+        d = torch.fft.irfftn(torch.fft.rfftn(d, dim=self.dims) * gain, s=grid, dim=self.dims)
+        return self.centre + d.reshape(x.shape)
+
+    def _call(self, x: Tensor) -> Tensor:
+        return self._apply(x, self.gain)
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self._apply(y, 1 / self.gain)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.log_det.expand(x.shape[:-1])
 
 
 class NPE(Estimator):
@@ -112,7 +210,10 @@ class NPE(Estimator):
     freedom and unit covariance, see the module docstring), ``tails_fit`` (run :meth:`fit_tails` on
     ``tails_windows`` validation windows at the end of :meth:`fit`); ``scale_fit`` (run :meth:`fit_scale`, the
     per-dimension scales of the base, on ``scale_windows`` validation windows at the end of :meth:`fit`, before the
-    tails). The sampling settings (``sampler_hparams``) can change between an interrupted fit and its resumption.
+    tails); ``spectrum_fit`` (run :meth:`fit_spectrum`, the spread per wavenumber of the state's grid, on
+    ``spectrum_windows`` validation windows with ``spectrum_samples`` draws each at the end of :meth:`fit`, after the
+    scales and before the tails). The sampling settings (``sampler_hparams``) can change between an interrupted fit
+    and its resumption.
     """
 
     defaults: dict[str, Any] = {
@@ -120,12 +221,12 @@ class NPE(Estimator):
         "flow": "grid", "transforms": 2, "levels": None, "hidden": [32], "flow_kernel": 5, "passes": 2, "local": True,
         "sample_rows": 262144, "inflation": 1.0, "inflation_fit": None, "inflation_windows": 1024,
         "inflation_samples": 256, "tails": None, "tails_fit": True, "tails_windows": 4096, "scale_fit": True,
-        "scale_windows": 4096,
+        "scale_windows": 4096, "spectrum_fit": True, "spectrum_windows": 1024, "spectrum_samples": 64,
     }
     # settings of the posterior, not of the network or its training (an interrupted fit resumes with new ones)
     sampler_hparams = frozenset({"sample_rows", "inflation", "inflation_fit", "inflation_windows",
                                  "inflation_samples", "tails", "tails_fit", "tails_windows", "scale_fit",
-                                 "scale_windows"})
+                                 "scale_windows", "spectrum_fit", "spectrum_windows", "spectrum_samples"})
 
     def build(self) -> None:
         h = self.hparams
@@ -147,11 +248,19 @@ class NPE(Estimator):
         if not isinstance(h["scale_fit"], bool) or int(h["scale_windows"]) < 2:
             raise ValueError(f"scale_fit must be true or false and scale_windows >= 2, got {h['scale_fit']!r} and "
                              f"{h['scale_windows']}")
+        if not isinstance(h["spectrum_fit"], bool) or int(h["spectrum_windows"]) < 2 or int(h["spectrum_samples"]) < 2:
+            raise ValueError(f"spectrum_fit must be true or false, spectrum_windows and spectrum_samples >= 2, got "
+                             f"{h['spectrum_fit']!r}, {h['spectrum_windows']} and {h['spectrum_samples']}")
         self.inflation_record: dict[str, Any] | None = None
         self.tails_record: dict[str, Any] | None = None
         self.scale_record: dict[str, Any] | None = None
+        self.spectrum_record: dict[str, Any] | None = None
         D = self.event_size
         self.register_buffer("base_scale", torch.ones(D))  # per dimension of the base space, set by fit_scale
+        # per wavenumber of the state's periodic grid, set by fit_spectrum
+        self.register_buffer("spectrum_scale", torch.ones(self._wavenumbers(), dtype=torch.float64))
+        self._spectrum_key: tuple[int, int] | None = None  # the buffer (id, version) of the cached _spectrum_on
+        self._spectrum_identity = True
         grid = h["flow"] == "grid"
         self.encoder = WindowEncoder(self.state_shape, self.obs_shape, self.lags, self.lift, channels=h["channels"],
                                      depth=h["depth"], kernel_size=h["kernel_size"],
@@ -194,7 +303,35 @@ class NPE(Estimator):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.setdefault(prefix + "base_scale", torch.ones(self.event_size))  # models saved before fit_scale
+        state_dict.setdefault(prefix + "spectrum_scale", torch.ones(self._wavenumbers(), dtype=torch.float64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _wavenumbers(self) -> int:
+        """Bins of ``spectrum_scale``: the wavenumbers ``0, 1, ...`` of the state's periodic grid (the encoder takes
+        ``(K,)`` or ``(C, H, W)`` states)."""
+        shape = self.state_shape
+        return int(wavenumber_bins(shape[-1:] if len(shape) == 1 else shape[1:]).max()) + 1
+
+    def _spectrum_on(self) -> bool:
+        """Whether ``spectrum_scale`` differs from 1 (looked at again only when the buffer has changed: comparing a
+        GPU tensor in every training step would wait for the GPU)."""
+        b = self.spectrum_scale
+        key = (id(b), b._version)
+        if key != self._spectrum_key:
+            self._spectrum_key, self._spectrum_identity = key, bool((b == 1).all())
+        return not self._spectrum_identity
+
+    def _state_transforms(self, flow: Distribution, loc: Tensor | None, scale: Tensor | None) -> list[Transform]:
+        """The maps from the flow's output ``u`` to the standardized state at inflation 1: the head's location and
+        scale, then the spread map per wavenumber about the image of the flow's centre (where ``spectrum_scale``
+        is not 1)."""
+        transforms: list[Transform] = [] if loc is None else [AffineTransform(loc, scale, event_dim=1)]
+        if self._spectrum_on():
+            centre = self._centre(flow)
+            if loc is not None:
+                centre = loc + scale * centre
+            transforms.append(SpectralScale(centre, self.spectrum_scale, self.state_shape))
+        return transforms
 
     @staticmethod
     def _centre(flow: Distribution) -> Tensor:
@@ -208,8 +345,7 @@ class NPE(Estimator):
         transforms = []
         if inflation != 1.0:
             transforms.append(AffineTransform(self._centre(flow) * (1.0 - inflation), inflation, event_dim=1))
-        if loc is not None:
-            transforms.append(AffineTransform(loc, scale, event_dim=1))
+        transforms += self._state_transforms(flow, loc, scale)
         if unstandardize:
             transforms.append(AffineTransform(self.x_mean.reshape(-1), self.x_std.reshape(-1), event_dim=1))
         return TransformedDistribution(flow, transforms) if transforms else flow
@@ -226,31 +362,37 @@ class NPE(Estimator):
             raise ValueError(f"uncertainty must be 'flow' (the posterior) or 'none' (its centre), got {uncertainty!r}")
         if uncertainty == "none":
             flow, loc, scale = self._parts(batch)
+            # the centre is the fixed point of the spread map per wavenumber
             x = self._centre(flow) if loc is None else loc + scale * self._centre(flow)
             x = self.x_mean.reshape(-1) + self.x_std.reshape(-1) * x
             return PointPosterior(x.reshape(len(batch.y), *self.state_shape))
         dist = self.distribution(batch, unstandardize=True, inflation=float(self.hparams["inflation"]))
+        return DistributionPosterior(dist, self.state_shape, sample_batch=max(1, self._rows() // len(batch.y)),
+                                     dtype=self.dtype)
+
+    def _rows(self) -> int:
+        """Draws (samples x windows) of one sampling pass."""
         rows = int(self.hparams["sample_rows"])
         if self.hparams["flow"] == "grid":  # a conditioner's activation, rows x width x D / 2 values, kept near the
             rows = min(rows, max(1, 2**23 // (max(self.hparams["hidden"]) * self.event_size)))  # cache: 16 MB
-        return DistributionPosterior(dist, self.state_shape, sample_batch=max(1, rows // len(batch.y)),
-                                     dtype=self.dtype)
+        return rows
 
     def _truths_in_flow_units(self, data: WindowDataset, idx: Tensor, chunk: int
                               ) -> Iterator[tuple[Distribution, Tensor, Tensor]]:
         """For the windows ``idx`` of ``data``, ``chunk`` at a time (no gradients): the flow of each chunk, its true
         states in the flow's units at inflation 1, ``u = (x_std - loc) / scale`` ``(b, D)``, and the log-Jacobian
-        ``log |du/dx|`` ``(b,)`` from the original units (the inverse of the head's map and of the standardization;
-        :meth:`make_posterior`'s point estimate is the forward map of the flow's centre). Iterate under
-        ``torch.no_grad()``."""
+        ``log |du/dx|`` ``(b,)`` from the original units (the inverse of the spread map per wavenumber, of the head's
+        map and of the standardization; :meth:`make_posterior`'s point estimate is the forward map of the flow's
+        centre). Iterate under ``torch.no_grad()``."""
         for i in range(0, len(idx), chunk):
             x, y, m, t = (a.to(self.device) for a in data.get(idx[i:i + chunk]))
             batch = self.standardize(x, y, m, t)
             flow, loc, scale = self._parts(batch)
             u = batch.x.flatten(1)
             log_jac = (-self.x_std.log().sum()).expand(len(u))
-            if loc is not None:
-                u, log_jac = (u - loc) / scale, log_jac - scale.log().sum(-1)
+            for tr in reversed(self._state_transforms(flow, loc, scale)):
+                v = tr.inv(u)
+                u, log_jac = v, log_jac - tr.log_abs_det_jacobian(v, u)
             yield flow, u, log_jac
 
     def fit_inflation(self, data: WindowDataset, windows: int = 1024, samples: int = 256,
@@ -316,8 +458,8 @@ class NPE(Estimator):
 
     def _truth_latents(self, data: WindowDataset, idx: Tensor) -> tuple[Tensor, Tensor]:
         """The true states of the windows ``idx`` of ``data`` in the base space, ``z = f(u)`` ``(n, D)`` (at the
-        current inflation and base scales), and the log-Jacobian ``(n,)`` of ``x -> z`` from the original units, both
-        in float64 (no gradients; the caller sets eval mode)."""
+        current inflation, base scales and spectral scales), and the log-Jacobian ``(n,)`` of ``x -> z`` from the
+        original units, both in float64 (no gradients; the caller sets eval mode)."""
         s = float(self.hparams["inflation"])
         chunk = max(1, int(self.hparams["sample_rows"]) // 64)
         zs, rest = [], []
@@ -371,33 +513,9 @@ class NPE(Estimator):
         z2 = z.square()
         if not bool((z2.mean(0) > 0).all()):
             raise ValueError("some dimensions of the base space are constant over the windows: no scale to fit")
-        # The windows of a trajectory are correlated: standard errors by trajectory (cluster-robust). A dimension
-        # gets its own scale where its log m_d is that far from 0 that all D of them would be so by chance with
-        # probability 1 % (Bonferroni); the other dimensions share one scale, their pooled root mean square, where
-        # its log is that far from 0 with probability 1 %. Otherwise the scales stay.
         _, cluster = data.locate(idx)[0].unique(return_inverse=True)
-        K, n, D = int(cluster.max()) + 1, len(idx), z2.shape[1]
-        log_factor = z2.new_zeros(D)
-        own = torch.zeros(D, dtype=torch.bool)
-        if K < 2:
-            warnings.warn("the windows of fit_scale come from one trajectory: the scales are kept", stacklevel=2)
-        else:
-            def log_and_se(v: Tensor) -> tuple[Tensor, Tensor]:  # log of the mean of v (n, k) and its error (k,)
-                mean = v.mean(0)
-                dev = v.new_zeros(K, v.shape[1]).index_add_(0, cluster, v - mean)
-                return mean.log(), (dev.square().sum(0) * K / (K - 1)).sqrt() / n / mean
-
-            from scipy.stats import t as student_t  # imported here: scipy is slow to import
-
-            # quantiles of Student's t with K - 1 degrees of freedom: errors from few trajectories are rough
-            bound, bound_pooled = (float(student_t.ppf(q, K - 1)) for q in (1 - 0.005 / D, 0.995))
-            ell, se = log_and_se(z2)
-            own = ell.abs() > bound * se
-            log_factor[own] = ell[own]
-            if not bool(own.all()):
-                pooled, se_pooled = log_and_se(z2[:, ~own].mean(1, keepdim=True))
-                if float(pooled.abs()) > bound_pooled * float(se_pooled):
-                    log_factor[~own] = pooled
+        log_factor, own = _gated_log_ratios(z2, torch.ones_like(z2), cluster, "fit_scale", "the scales are kept")
+        K = int(cluster.max()) + 1
         factor = (log_factor / 2).exp()
         nll_before = float(-(self._base_log_prob(z.square().sum(-1)) + rest).mean())
         nll = float(-(self._base_log_prob((z / factor).square().sum(-1)) - factor.log().sum() + rest).mean())
@@ -408,14 +526,68 @@ class NPE(Estimator):
                 "own": int(own.sum()), "nll": nll, "nll_before": nll_before, "windows": len(idx),
                 "trajectories": K}
 
+    def fit_spectrum(self, data: WindowDataset, windows: int = 1024, samples: int = 64, seed: int = 0
+                     ) -> dict[str, Any]:
+        r"""Fit the posterior's spread per wavenumber of the state's grid on held-out windows and set it (the buffer
+        ``spectrum_scale`` ``(k,)``, saved with the model; module docstring).
+
+        On ``windows`` windows of ``data`` (not training windows), ``samples`` draws each (standardized units, at the
+        current inflation, base scales, tails and spectral scales) give per window and wavenumber bin the power of the
+        truth's departure from the draws' mean and the draws' spread power (:func:`sbida.diagnostics.spectral_powers`),
+        whose ratio, with the finite-ensemble factor ``(S + 1) / S``, is 1 on average for a calibrated posterior (the
+        inverse square of :func:`sbida.diagnostics.spread_skill_spectrum`). A bin's factor is multiplied by the root
+        of its ratio where that differs from 1 beyond chance, with the same test as :meth:`fit_scale` (errors by
+        trajectory, Bonferroni over the bins; the other bins share their pooled ratio where that one is significant),
+        so a posterior whose spread is right at every scale is left as it is. The map is linear about the image of the
+        flow's centre, so the density stays exact. Fit the tails after it (:meth:`after_fit` does).
+
+        Returns:
+            ``{"gains", "own", "spread_skill", "nll", "nll_before", "windows", "samples", "trajectories"}``: the
+            factors ``(k,)`` set, how many bins got their own, the spread/skill per bin before the fit, the mean
+            negative log-likelihood of the truths (nats per window, original units) with the new factors and before.
+        """
+        if samples < 2:
+            raise ValueError(f"need samples >= 2, got {samples}")
+        idx = self._calibration_windows(data, windows, seed, least=2)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        chunk = max(1, self._rows() // samples)
+        spread, error = [], []
+        with torch.no_grad():
+            for i in range(0, len(idx), chunk):
+                x, y, m, t = (a.to(self.device) for a in data.get(idx[i:i + chunk]))
+                batch = self.standardize(x, y, m, t)
+                dist = self.distribution(batch, inflation=float(self.hparams["inflation"]))
+                with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+                    torch.manual_seed(_seed_from(gen))
+                    draws = dist.sample((samples,))
+                sp, er = spectral_powers(draws.reshape(samples, *batch.x.shape), batch.x, per_window=True)
+                spread.append(sp.cpu())
+                error.append(er.cpu())
+        v, w = torch.cat(error), torch.cat(spread) * (samples + 1) / samples
+        _, cluster = data.locate(idx)[0].unique(return_inverse=True)
+        log_ratio, own = _gated_log_ratios(v, w, cluster, "fit_spectrum", "the spectral scales are kept")
+        if not bool(torch.isfinite(log_ratio).all()):
+            raise ValueError("the draws' spread or the truths' error vanishes at some wavenumber: no spread to fit")
+        z, rest = self._truth_latents(data, idx)
+        nll_before = float(-(self._base_log_prob(z.square().sum(-1)) + rest).mean())
+        self.spectrum_scale.mul_((log_ratio / 2).exp().to(self.spectrum_scale))
+        z, rest = self._truth_latents(data, idx)
+        nll = float(-(self._base_log_prob(z.square().sum(-1)) + rest).mean())
+        self.train(was_training)
+        return {"gains": self.spectrum_scale.tolist(), "own": int(own.sum()),
+                "spread_skill": (w.mean(0) / v.mean(0)).sqrt().tolist(), "nll": nll, "nll_before": nll_before,
+                "windows": len(idx), "samples": int(samples), "trajectories": int(cluster.max()) + 1}
+
     def fit_tails(self, data: WindowDataset, windows: int = 4096, seed: int = 0) -> dict[str, Any]:
         r"""Fit the degrees of freedom ``nu`` of the Student-t base (``tails``, unit covariance) by the likelihood of
         the true states of held-out windows, the network fixed, and set it (``hparams["tails"]``).
 
         The truths of ``windows`` windows of ``data`` (not training windows) are mapped to the flow's base space,
-        ``z = f(u)`` (at the current inflation and base scales), once; their log-likelihood under the base then
-        depends on ``|z|^2`` only, and ``nu`` is fitted by L-BFGS in float64, kept between 3 (at 2 the variance is
-        infinite) and 10^6 (Gaussian tails).
+        ``z = f(u)`` (at the current inflation, base scales and spectral scales), once; their log-likelihood under
+        the base then depends on ``|z|^2`` only, and ``nu`` is fitted by L-BFGS in float64, kept between 3 (at 2 the
+        variance is infinite) and 10^6 (Gaussian tails).
 
         Returns:
             ``{"tails", "nll", "nll_gaussian", "windows"}``: the fitted ``nu`` and the mean negative
@@ -434,12 +606,12 @@ class NPE(Estimator):
 
     def after_fit(self, train: WindowDataset, val: WindowDataset | None, seed: int, progress: bool = False) -> None:
         """After :meth:`fit`: :meth:`fit_inflation` on ``val`` when ``inflation_fit`` names a criterion, then
-        :meth:`fit_scale` when ``scale_fit`` is set, then :meth:`fit_tails` when ``tails_fit`` is set (nothing
-        without ``val``: the training windows' fit is tighter than held-out windows'; a warning for the inflation,
-        none for the scales and tails, whose fits are on by default). The results are kept in ``inflation_record``,
-        ``scale_record`` and ``tails_record``, the fitted numbers in ``hparams`` and ``base_scale`` (saved with the
-        model)."""
-        self.inflation_record = self.tails_record = self.scale_record = None
+        :meth:`fit_scale` when ``scale_fit`` is set, then :meth:`fit_spectrum` when ``spectrum_fit`` is set, then
+        :meth:`fit_tails` when ``tails_fit`` is set (nothing without ``val``: the training windows' fit is tighter
+        than held-out windows'; a warning for the inflation, none for the others, whose fits are on by default).
+        The results are kept in ``inflation_record``, ``scale_record``, ``spectrum_record`` and ``tails_record``, the
+        fitted numbers in ``hparams``, ``base_scale`` and ``spectrum_scale`` (saved with the model)."""
+        self.inflation_record = self.tails_record = self.scale_record = self.spectrum_record = None
         h = self.hparams
         if h["inflation_fit"] is not None and self._held_out(val, "inflation_fit", f"the inflation stays "
                                                                                     f"{h['inflation']}"):
@@ -449,5 +621,8 @@ class NPE(Estimator):
         held_out = val is not None and len(val) > 0  # the fits on by default are skipped without val, silently
         if h["scale_fit"] and held_out:
             self.scale_record = self.fit_scale(val, windows=int(h["scale_windows"]), seed=seed)
+        if h["spectrum_fit"] and held_out:
+            self.spectrum_record = self.fit_spectrum(val, windows=int(h["spectrum_windows"]),
+                                                     samples=int(h["spectrum_samples"]), seed=seed)
         if h["tails_fit"] and held_out:
             self.tails_record = self.fit_tails(val, windows=int(h["tails_windows"]), seed=seed)
