@@ -220,8 +220,8 @@ def fit_from_state(est, train, val, fit: dict, fit_state: str | Path, resume: bo
 
 
 def _calibration_lines(records: dict[str, dict]) -> list[str]:
-    """One line per calibration fit made at the end of a fit (NRE's temperature, NPE's inflation, scales and tails,
-    ComposedScore's Gaussian mode)."""
+    """One line per calibration fit made at the end of a fit (NRE's temperature, NPE's inflation, scales, spread per
+    wavenumber and tails, ComposedScore's Gaussian mode)."""
     lines = []
     for kind, r in records.items():
         if kind == "gaussian":
@@ -233,6 +233,11 @@ def _calibration_lines(records: dict[str, dict]) -> list[str]:
                          f"{r['trajectories']} trajectories: {r['scale_min']:.3g} to {r['scale_max']:.3g}, median "
                          f"{r['scale_median']:.3g}, {r['own']} dimensions with their own (NLL {r['nll']:.4g} nats "
                          f"per window, before {r['nll_before']:.4g})")
+        elif kind == "spectrum":
+            lines.append(f"spread per wavenumber fitted on {r['windows']} validation windows of {r['trajectories']} "
+                         f"trajectories x {r['samples']} draws: {r['own']} of {len(r['gains'])} wavenumbers with their "
+                         f"own factor, factors {min(r['gains']):.3g} to {max(r['gains']):.3g} (NLL {r['nll']:.4g} "
+                         f"nats per window, before {r['nll_before']:.4g})")
         elif kind == "tails":
             lines.append(f"Student-t base of {r['tails']:.3g} degrees of freedom fitted on {r['windows']} validation "
                          f"windows (NLL {r['nll']:.4g} nats per window, Gaussian base {r['nll_gaussian']:.4g})")
@@ -361,7 +366,7 @@ class Run:
                 self.log(f"{label}: resuming its interrupted training from {fit_state}")
             history, seconds = fit_from_state(est, train, val, fit, fit_state, resume, self.progress)
             est.save(ckpt)
-            calibration = {k: r for k in ("temperature", "inflation", "scale", "tails", "gaussian")
+            calibration = {k: r for k in ("temperature", "inflation", "scale", "spectrum", "tails", "gaussian")
                            if (r := getattr(est, f"{k}_record", None))}
             for line in _calibration_lines(calibration):
                 self.log(f"{label}: {line}")

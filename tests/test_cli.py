@@ -241,9 +241,14 @@ def test_calibration_lines_name_every_kind_of_fit():
         "scale": {"scale_min": 1.033, "scale_median": 1.033, "scale_max": 1.712, "own": 10, "nll": 4.773,
                   "nll_before": 5.804, "windows": 4096, "trajectories": 51},
         "temperature": {"temperature": 0.6, "criterion": "coverage", "score": [0.05, 0.02], "score_at_1": 0.1,
-                        "windows": 128}})
+                        "windows": 128},
+        "spectrum": {"gains": [1.0, 0.93, 1.12], "own": 2, "spread_skill": [1.0, 1.08, 0.9], "nll": 58.1,
+                     "nll_before": 58.4, "windows": 1024, "samples": 64, "trajectories": 51}})
     assert lines[0] == ("mode 'gaussian' calibrated on 4096 validation windows: spread x1.077, Student-t of 43.4 "
                         "degrees of freedom (NLL 72.29 nats per window, uncalibrated 72.67)")
     assert lines[1].startswith("Student-t base of 39.6 degrees of freedom") and "ratio temperature 0.6" in lines[3]
     assert lines[2] == ("scales of the flow's base fitted on 4096 validation windows of 51 trajectories: 1.03 to "
                         "1.71, median 1.03, 10 dimensions with their own (NLL 4.773 nats per window, before 5.804)")
+    assert lines[4] == ("spread per wavenumber fitted on 1024 validation windows of 51 trajectories x 64 draws: 2 of 3 "
+                        "wavenumbers with their own factor, factors 0.93 to 1.12 (NLL 58.1 nats per window, before "
+                        "58.4)")
