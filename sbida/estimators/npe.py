@@ -68,20 +68,19 @@ fitted after it (10 of 40 dimensions scaled by 1.1-1.7, the others by 1.03; a co
 gives 0.020, with a marginal ECE of 0.014 against 0.008); on the linear-Gaussian task it changes no scale
 (``benchmarks/RESULTS.md``).
 
-Spread per wavenumber. The base scales correct the spread along the flow's latent dimensions, which are not the
-state's scales; the spread/skill spectrum (:func:`sbida.diagnostics.spread_skill_spectrum`) measures it per
-wavenumber of the state's grid, and on ``lorenz96`` K=40 a trained NPE is too narrow at some wavenumbers and too
-wide at others. The buffer ``spectrum_scale`` ``(k,)`` (ones by default) is
-one factor :math:`g_k` per wavenumber bin on the standardized state's departure from the image :math:`\tilde x_c`
-of the flow's centre, :math:`\tilde x \mapsto \tilde x_c + \mathcal F^{-1}(g_{|k|} \mathcal F(\tilde x -
-\tilde x_c))` (:class:`SpectralScale`: linear, exact density), after the head. :meth:`NPE.fit_spectrum` sets the
-factors from the ratio of the truths' error power to the draws' spread power per wavenumber on held-out windows,
-with the significance test of the base scales; ``spectrum_fit`` does it at the end of
-:meth:`~sbida.estimators.base.Estimator.fit`, after the base scales and before the tails (whose ``nu`` is fitted
-for the corrected spread). It is off by default: on ``lorenz96`` K=40 after 10 minutes of training it takes the
-spread/skill from 0.906 to 0.998 and the joint ECE by distance from 0.068 to 0.055 (with the tails refitted), but the
-joint highest-density ECE from 0.023 to 0.066 and the held-out NLL up by 0.94 nats per window: matching the mean error
-power, which the hard windows dominate, widens the typical window (``benchmarks/RESULTS.md``).
+Spread per wavenumber. The base scales correct the spread along the flow's latent dimensions, which are not the state's
+scales; the spread/skill spectrum (:func:`sbida.diagnostics.spread_skill_spectrum`) measures it per wavenumber of the
+state's grid, and on ``lorenz96`` K=40 a trained NPE is too narrow at some wavenumbers and too wide at others. The
+buffer ``spectrum_scale`` ``(k,)`` (ones by default) is one factor :math:`g_k` per wavenumber bin on the standardized
+state's departure from the image :math:`\tilde x_c` of the flow's centre, :math:`\tilde x \mapsto \tilde x_c + \mathcal
+F^{-1}(g_{|k|} \mathcal F(\tilde x - \tilde x_c))` (:class:`SpectralScale`: linear, exact density), after the head.
+:meth:`NPE.fit_spectrum` sets the factors from the ratio of the truths' error power to the draws' spread power per
+wavenumber on held-out windows, with the significance test of the base scales; ``spectrum_fit`` does it at the end of
+:meth:`~sbida.estimators.base.Estimator.fit`, after the base scales and before the tails (whose ``nu`` is fitted for the
+corrected spread). It is off by default: on ``lorenz96`` K=40 after 10 minutes of training it takes the spread/skill
+from 0.906 to 0.998 and the joint ECE by distance from 0.068 to 0.055 (with the tails refitted), but the joint
+highest-density ECE from 0.023 to 0.066 and the held-out NLL up by 0.94 nats per window: matching the mean error power,
+which the hard windows dominate, widens the typical window (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
