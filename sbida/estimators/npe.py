@@ -323,13 +323,14 @@ class NPE(Estimator):
             self._spectrum_key, self._spectrum_identity = key, bool((b == 1).all())
         return not self._spectrum_identity
 
-    def _state_transforms(self, flow: Distribution, loc: Tensor | None, scale: Tensor | None) -> list[Transform]:
+    def _state_transforms(self, flow: Distribution, loc: Tensor | None, scale: Tensor | None,
+                          centre: Tensor | None = None) -> list[Transform]:
         """The maps from the flow's output ``u`` to the standardized state at inflation 1: the head's location and
         scale, then the spread map per wavenumber about the image of the flow's centre (where ``spectrum_scale``
-        is not 1)."""
+        is not 1; ``centre``: the flow's centre ``(B, D)`` where the caller has it already)."""
         transforms: list[Transform] = [] if loc is None else [AffineTransform(loc, scale, event_dim=1)]
         if self._spectrum_on():
-            centre = self._centre(flow)
+            centre = self._centre(flow) if centre is None else centre
             if loc is not None:
                 centre = loc + scale * centre
             transforms.append(SpectralScale(centre, self.spectrum_scale, self.state_shape))
@@ -345,9 +346,11 @@ class NPE(Estimator):
         widened by ``inflation`` around the flow's centre (module docstring)."""
         flow, loc, scale = self._parts(batch)
         transforms = []
+        centre = None
         if inflation != 1.0:
-            transforms.append(AffineTransform(self._centre(flow) * (1.0 - inflation), inflation, event_dim=1))
-        transforms += self._state_transforms(flow, loc, scale)
+            centre = self._centre(flow)
+            transforms.append(AffineTransform(centre * (1.0 - inflation), inflation, event_dim=1))
+        transforms += self._state_transforms(flow, loc, scale, centre)
         if unstandardize:
             transforms.append(AffineTransform(self.x_mean.reshape(-1), self.x_std.reshape(-1), event_dim=1))
         return TransformedDistribution(flow, transforms) if transforms else flow
