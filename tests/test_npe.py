@@ -493,7 +493,8 @@ def test_spectral_map_is_exact_and_changes_the_spread_per_wavenumber(tiny, brief
     """:class:`SpectralScale` is linear about its centre, symmetric, inverted exactly and its log-determinant is the
     Jacobian's, on rings and on (C, H, W) grids; ``spectrum_scale`` g keeps the posterior's centre, multiplies its
     spread power at wavenumber k by g_k^2 and its log-density is the plain one at the mapped-back state less the
-    log-determinant; ``spectrum_fit`` sets it after ``fit``, it is saved, and a model saved without it loads with
+    log-determinant; with an inflation s the draws of the same random numbers are s times further from the centre
+    and lose D log s; ``spectrum_fit`` sets it after ``fit``, it is saved, and a model saved without it loads with
     ones."""
     gen = torch.Generator().manual_seed(0)
     for shape in ((8,), (7,), (2, 6, 5)):
@@ -528,12 +529,19 @@ def test_spectral_map_is_exact_and_changes_the_spread_per_wavenumber(tiny, brief
         back = mu + sd * SpectralScale(c, g, (8,)).inv(((ys[:50].flatten(2) - mu) / sd).double()).float()
         log_det = float(g.log()[[0, 1, 2, 3, 4, 3, 2, 1]].sum())
         assert torch.allclose(scaled.log_prob(ys[:50]), plain.log_prob(back) - log_det, atol=1e-3)
+        est.hparams["inflation"] = 1.5  # both maps: linear about the same centre, so they compose exactly
+        both = est.posterior(y, m, t)
+        zs = both.sample(50, generator=torch.Generator().manual_seed(3))
+        assert torch.allclose(zs - centre, 1.5 * (ys[:50] - centre), atol=1e-4)
+        assert torch.allclose(both.log_prob(zs), scaled.log_prob(ys[:50]) - 8 * math.log(1.5), atol=1e-3)
+        est.hparams["inflation"] = 1.0
         old = {k: v for k, v in est.state_dict().items() if k != "spectrum_scale"}  # saved before the map
         est.load_state_dict(old)
         assert torch.equal(est.spectrum_scale, torch.ones(5, dtype=torch.float64))
         assert torch.allclose(est.posterior(y, m, t).log_prob(xs[:50]), plain.log_prob(xs[:50]))
     finally:
         est.spectrum_scale.fill_(1.0)
+        est.hparams["inflation"] = 1.0
 
     fitted = NPE(task, **SMALL, spectrum_fit=True, spectrum_windows=16, spectrum_samples=8, tails_fit=False,
                  scale_fit=False)
