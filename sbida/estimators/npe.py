@@ -538,13 +538,14 @@ class NPE(Estimator):
 
         On ``windows`` windows of ``data`` (not training windows), ``samples`` draws each (standardized units, at the
         current inflation, base scales, tails and spectral scales) give per window and wavenumber bin the power of the
-        truth's departure from the draws' mean and the draws' spread power (:func:`sbida.diagnostics.spectral_powers`),
-        whose ratio, with the finite-ensemble factor ``(S + 1) / S``, is 1 on average for a calibrated posterior (the
-        inverse square of :func:`sbida.diagnostics.spread_skill_spectrum`). A bin's factor is multiplied by the root
-        of its ratio where that differs from 1 beyond chance, with the same test as :meth:`fit_scale` (errors by
-        trajectory, Bonferroni over the bins; the other bins share their pooled ratio where that one is significant),
-        so a posterior whose spread is right at every scale is left as it is. The map is linear about the image of the
-        flow's centre, so the density stays exact. Fit the tails after it (:meth:`after_fit` does).
+        truth's departure from the draws' mean and the draws' spread power
+        (:func:`sbida.diagnostics.scores.spectral_powers`), whose ratio, with the finite-ensemble factor ``(S + 1) /
+        S``, is 1 on average for a calibrated posterior (the inverse square of
+        :func:`sbida.diagnostics.spread_skill_spectrum`). A bin's factor is multiplied by the root of its ratio where
+        that differs from 1 beyond chance, with the same test as :meth:`fit_scale` (errors by trajectory, Bonferroni
+        over the bins; the other bins share their pooled ratio where that one is significant), so a posterior whose
+        spread is right at every scale is left as it is. The map is linear about the image of the flow's centre, so the
+        density stays exact. Fit the tails after it (:meth:`after_fit` does).
 
         Returns:
             ``{"gains", "own", "spread_skill", "nll", "nll_before", "windows", "samples", "trajectories"}``: the
@@ -577,9 +578,11 @@ class NPE(Estimator):
             raise ValueError("the draws' spread or the truths' error vanishes at some wavenumber: no spread to fit")
         z, rest = self._truth_latents(data, idx)
         nll_before = float(-(self._base_log_prob(z.square().sum(-1)) + rest).mean())
-        self.spectrum_scale.mul_((log_ratio / 2).exp().to(self.spectrum_scale))
-        z, rest = self._truth_latents(data, idx)
-        nll = float(-(self._base_log_prob(z.square().sum(-1)) + rest).mean())
+        nll = nll_before
+        if bool((log_ratio != 0).any()):  # else nothing changes: no second pass of the truths
+            self.spectrum_scale.mul_((log_ratio / 2).exp().to(self.spectrum_scale))
+            z, rest = self._truth_latents(data, idx)
+            nll = float(-(self._base_log_prob(z.square().sum(-1)) + rest).mean())
         self.train(was_training)
         return {"gains": self.spectrum_scale.tolist(), "own": int(own.sum()),
                 "spread_skill": (w.mean(0) / v.mean(0)).sqrt().tolist(), "nll": nll, "nll_before": nll_before,
