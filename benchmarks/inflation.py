@@ -6,7 +6,7 @@ Trains the default NPE on the ``lorenz96`` task (or ``--task``, e.g. ``lorenz96-
 criteria of :meth:`NPE.fit_inflation` (``coverage``: the joint highest-density ECE; ``nll``: the likelihood of the true
 states) and the degrees of freedom of a Student-t base (:meth:`NPE.fit_tails`) and the per-dimension scales of the base
 (:meth:`NPE.fit_scale`, then the tails again) and after them the spread per wavenumber (:meth:`NPE.fit_spectrum`, then
-the tails again: what ``fit`` does by default), then evaluates the test windows (``--windows`` x ``--samples``) with the
+the tails again: what ``fit`` does with ``spectrum_fit: true``), then evaluates the test windows (``--windows`` x ``--samples``) with the
 Gaussian base at factor 1, at each fitted factor and at the ``--factors`` given, with the fitted tails at factor 1 and
 at the factor fitted by ``nll`` with them, with the fitted scales (Gaussian base, and with their tails) and with the
 scales and the spread per wavenumber (Gaussian base, and with their tails). Each row prints RMSE, nRMSE, CRPS,
