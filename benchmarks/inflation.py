@@ -6,14 +6,14 @@ Trains the default NPE on the ``lorenz96`` task (or ``--task``, e.g. ``lorenz96-
 criteria of :meth:`NPE.fit_inflation` (``coverage``: the joint highest-density ECE; ``nll``: the likelihood of the true
 states) and the degrees of freedom of a Student-t base (:meth:`NPE.fit_tails`) and the per-dimension scales of the base
 (:meth:`NPE.fit_scale`, then the tails again) and after them the spread per wavenumber (:meth:`NPE.fit_spectrum`, then
-the tails again: what ``fit`` does with ``spectrum_fit: true``), then evaluates the test windows (``--windows`` x ``--samples``) with the
-Gaussian base at factor 1, at each fitted factor and at the ``--factors`` given, with the fitted tails at factor 1 and
-at the factor fitted by ``nll`` with them, with the fitted scales (Gaussian base, and with their tails) and with the
-scales and the spread per wavenumber (Gaussian base, and with their tails). Each row prints RMSE, nRMSE, CRPS,
-spread/skill, the joint ECE (highest density) and its largest gap, the marginal ECE, the joint ECE by the distance
-statistic (ECE-d) and the joint coverage at the levels 0.05, 0.25, 0.45, 0.65, 0.85 and 0.95: a curve flatter than the
-diagonal (over at low levels, under at high ones) is a spread that is wrong in different directions in different
-windows, which no single factor corrects. Last, the spread/skill ratio per wavenumber of the state at factor 1
+the tails again: what ``fit`` does with ``spectrum_fit: true``), then evaluates the test windows (``--windows`` x
+``--samples``) with the Gaussian base at factor 1, at each fitted factor and at the ``--factors`` given, with the fitted
+tails at factor 1 and at the factor fitted by ``nll`` with them, with the fitted scales (Gaussian base, and with their
+tails) and with the scales and the spread per wavenumber (Gaussian base, and with their tails). Each row prints RMSE,
+nRMSE, CRPS, spread/skill, the joint ECE (highest density) and its largest gap, the marginal ECE, the joint ECE by the
+distance statistic (ECE-d) and the joint coverage at the levels 0.05, 0.25, 0.45, 0.65, 0.85 and 0.95: a curve flatter
+than the diagonal (over at low levels, under at high ones) is a spread that is wrong in different directions in
+different windows, which no single factor corrects. Last, the spread/skill ratio per wavenumber of the state at factor 1
 (:func:`sbida.diagnostics.spread_skill_spectrum`) shows at which scales the spread is wrong.
 
     python benchmarks/inflation.py [--task lorenz96] [--minutes 10] [--data runs/l96.h5] [--checkpoint PATH]
