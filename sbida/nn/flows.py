@@ -39,7 +39,7 @@ from zuko.transforms import (
 
 from .layers import periodic_conv
 
-__all__ = ["GridCoupling", "GridFlow", "lattice", "levels_of"]
+__all__ = ["GridCoupling", "GridFlow", "couplings_per_level", "lattice", "levels_of"]
 
 
 def _split(state_shape: Sequence[int]) -> tuple[int, tuple[int, ...]]:
@@ -81,6 +81,15 @@ def levels_of(grid: Sequence[int]) -> int:
     while lattice(grid, level)[1].any():
         level += 1
     return level
+
+
+def couplings_per_level(transforms: int | Sequence[int], levels: int) -> list[int]:
+    """The couplings of each of ``levels`` levels: ``transforms`` for all, or one number per level from the finest
+    with the last repeated."""
+    per = [transforms] if isinstance(transforms, int) else list(transforms)
+    if not per or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in per):
+        raise ValueError(f"transforms must be a positive integer or a list of them (per level), got {transforms!r}")
+    return [per[min(level, len(per) - 1)] for level in range(levels)]
 
 
 class GridCoupling(LazyTransform):
@@ -182,13 +191,17 @@ class GridFlow(nn.Module):
     Args:
         state_shape: ``(K,)`` or ``(C, H, W)``.
         context_channels: channels of the context map.
-        transforms: couplings per level.
+        transforms: couplings per level: one number for every level, or one per level from the finest (the last
+            repeats for the further levels). The finest level moves half the points and costs about as much as all
+            the others together. With two couplings there, a sampling pass ends by moving each point of one colour
+            from its own base variable given the other colour's values, so their correlations given those values
+            come only through the coupling before it; more couplings there give them room.
         hidden: widths of each conditioner's hidden layers.
         kernel_size: odd width of the neighbourhoods (in lattice steps of each level).
         levels: number of levels (``None``: all of the grid's, :func:`levels_of`).
     """
 
-    def __init__(self, state_shape: Sequence[int], context_channels: int, transforms: int = 4,
+    def __init__(self, state_shape: Sequence[int], context_channels: int, transforms: int | Sequence[int] = 4,
                  hidden: Sequence[int] = (32,), kernel_size: int = 5, levels: int | None = None):
         super().__init__()
         self.state_shape = tuple(state_shape)
@@ -197,11 +210,10 @@ class GridFlow(nn.Module):
         levels = most if levels is None else int(levels)
         if not 1 <= levels <= most:
             raise ValueError(f"levels must be between 1 and {most} for the grid {grid}, got {levels}")
-        if transforms < 1:
-            raise ValueError(f"transforms must be positive, got {transforms}")
+        per = couplings_per_level(transforms, levels)
         self.couplings = nn.ModuleList(
             GridCoupling(self.state_shape, context_channels, level, i % 2 == 1, hidden, kernel_size)
-            for level in range(levels) for i in range(transforms))
+            for level in range(levels) for i in range(per[level]))
         self.register_buffer("zero", torch.zeros(math.prod(self.state_shape)), persistent=False)
 
     def forward(self, hmap: Tensor) -> NormalizingFlow:
