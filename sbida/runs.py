@@ -226,6 +226,7 @@ def _calibration_lines(records: dict[str, dict]) -> list[str]:
     for kind, r in records.items():
         if kind == "gaussian":
             lines.append(f"mode 'gaussian' calibrated on {r['windows']} validation windows: spread x{r['scale']:.4g}, "
+                         f"eigenvalues to the power {r.get('power', 1.0):.4g}, "
                          f"Student-t of {r['tails']:.3g} degrees of freedom (NLL {r['nll']:.4g} nats per window, "
                          f"uncalibrated {r['nll_gaussian']:.4g})")
         elif kind == "scale":

@@ -236,7 +236,8 @@ def test_calibration_lines_name_every_kind_of_fit():
     from sbida.runs import _calibration_lines
 
     lines = _calibration_lines({
-        "gaussian": {"scale": 1.0765, "tails": 43.4, "nll": 72.29, "nll_gaussian": 72.67, "windows": 4096},
+        "gaussian": {"scale": 1.0765, "power": 1.0952, "tails": 43.4, "nll": 72.29, "nll_gaussian": 72.67,
+                     "windows": 4096},
         "tails": {"tails": 39.6, "nll": 58.96, "nll_gaussian": 59.21, "windows": 4096},
         "scale": {"scale_min": 1.033, "scale_median": 1.033, "scale_max": 1.712, "own": 10, "nll": 4.773,
                   "nll_before": 5.804, "windows": 4096, "trajectories": 51},
@@ -244,8 +245,9 @@ def test_calibration_lines_name_every_kind_of_fit():
                         "windows": 128},
         "spectrum": {"gains": [1.0, 0.93, 1.12], "own": 2, "spread_skill": [1.0, 1.08, 0.9], "nll": 58.1,
                      "nll_before": 58.4, "windows": 1024, "samples": 64, "trajectories": 51}})
-    assert lines[0] == ("mode 'gaussian' calibrated on 4096 validation windows: spread x1.077, Student-t of 43.4 "
-                        "degrees of freedom (NLL 72.29 nats per window, uncalibrated 72.67)")
+    assert lines[0] == ("mode 'gaussian' calibrated on 4096 validation windows: spread x1.077, eigenvalues to the "
+                        "power 1.095, Student-t of 43.4 degrees of freedom (NLL 72.29 nats per window, uncalibrated "
+                        "72.67)")
     assert lines[1].startswith("Student-t base of 39.6 degrees of freedom") and "ratio temperature 0.6" in lines[3]
     assert lines[2] == ("scales of the flow's base fitted on 4096 validation windows of 51 trajectories: 1.03 to "
                         "1.71, median 1.03, 10 dimensions with their own (NLL 4.773 nats per window, before 5.804)")

@@ -182,17 +182,18 @@ def test_residual_network_composes_its_gaussian_heads_exactly():
     assert float(((s0.mean(0) - gauss.mean()) / sd).abs().max()) > 1
 
 
-def test_residual_network_draws_the_calibrated_composition():
-    """With a fitted calibration (spread factor, Student-t tails) a residual network's composed sampler swaps its
-    Gaussian part for the calibrated one: whose U-Net outputs zero, it draws the calibrated closed form (the
-    truths' squared Mahalanobis distances under it have its mean and tail mass), and the uncalibrated one with
-    ``calibrated=False``."""
+@pytest.mark.parametrize("power", [1.0, 1.3])
+def test_residual_network_draws_the_calibrated_composition(power):
+    """With a fitted calibration (spread factor, power on the covariance's eigenvalues, Student-t tails) a residual
+    network's composed sampler swaps its Gaussian part for the calibrated one: whose U-Net outputs zero, it draws
+    the calibrated closed form (the draws' squared Mahalanobis distances under it have its mean and tail mass), and
+    the uncalibrated one with ``calibrated=False``."""
     task = sbida.tasks.get("linear-gaussian")
     data = task.simulate(progress=False, n_trajectories=16)
     torch.manual_seed(0)
     est = ComposedScore(task, **SMALL)
     est.fit_standardization(data)
-    est.hparams.update(gaussian_scale=1.5, gaussian_tails=5.0)
+    est.hparams.update(gaussian_scale=1.5, gaussian_tails=5.0, gaussian_power=power)
     x, y, m, t = data.get(torch.tensor([300]))
     cal = est.posterior(y, m, t, mode="gaussian")
     D = cal.event_size
@@ -202,7 +203,10 @@ def test_residual_network_draws_the_calibrated_composition():
     r2_raw = cal.mahalanobis(est.posterior(y, m, t, steps=16, corrections=1, calibrated=False).sample(
         4000, generator=gen)).flatten()
     assert abs(float(r2.mean()) / D - 1) < 0.1, float(r2.mean()) / D  # the exact draws' mean is D
-    assert abs(float(r2_raw.mean()) * 1.5**2 / D - 1) < 0.1, float(r2_raw.mean()) / D
+    if power == 1.0:
+        assert abs(float(r2_raw.mean()) * 1.5**2 / D - 1) < 0.1, float(r2_raw.mean()) / D
+    else:  # the raw draws are not those of the calibrated closed form
+        assert abs(float(r2_raw.mean()) / D - 1) > 0.3, float(r2_raw.mean()) / D
     # tail mass beyond the 99 % quantile of the Gaussian of the same covariance: 6 % for nu = 5, 1 % for a Gaussian
     q = float(torch.randn(100000, D, generator=gen, dtype=torch.float64).square().sum(-1).quantile(0.99))
     tail, tail_exact = float((r2 > q).double().mean()), float((r2_exact > q).double().mean())
@@ -414,6 +418,70 @@ def test_linear_gaussian_composed_heads_are_calibrated_with_the_window_loss(lg):
     assert ece < 0.2 and rmse < 1.6 and float(ratio.min(1).values.mean()) > 0.4, (ece, rmse, ratio.min(1).values)
 
 
+def _calibrated_cov(est, cov, scale, power):
+    """``scale^2 U diag(l^power) U^T`` of covariances ``cov`` ``(B, D, D)`` in standardized units (``U diag(l)
+    U^T``), back in original units."""
+    sd = est.x_std.flatten().double()
+    lam, U = torch.linalg.eigh(cov / (sd[:, None] * sd[None]))
+    return scale**2 * (U * lam.pow(power)[..., None, :]) @ U.mT * sd[:, None] * sd[None]
+
+
+class _KnownGaussian(sbida.data.WindowDataset):
+    """The windows of ``data`` with true states drawn from ``N(0, cov)`` ``(D, D)`` (one fixed draw per window)."""
+
+    def __init__(self, data, cov):
+        super().__init__(data.states, data.y, data.mask, data.times, window=data.window, stride=data.stride,
+                         trajectory_ids=data.trajectory_ids, config=data.config, meta=data.meta)
+        z = torch.randn(len(data), cov.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        self.truths = (z @ torch.linalg.cholesky(cov).T).float()
+
+    def get(self, index):
+        index = torch.as_tensor(index)
+        x, y, m, t = super().get(index)
+        return self.truths[index].reshape(x.shape), y, m, t
+
+
+def test_fit_gaussian_recovers_a_known_power_and_scale(tiny, monkeypatch):
+    """Truths of ``c^2 U diag(l^gamma) U^T`` about a closed form ``U diag(l) U^T`` (standardized units) whose
+    eigenvalues span two decades: the fit with ``power=True`` finds ``gamma`` and ``c`` (1.4 and 0.8; 1 and 1.2),
+    Gaussian tails, and the calibrated closed form of a model has exactly that covariance."""
+    task, _, _, ests = tiny
+    est = ests["composed"]
+    data = task.simulate(progress=False, n_trajectories=64)
+    D, sd = est.event_size, est.x_std.flatten().double()
+    Q, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    lam = torch.logspace(-1, 1, D, dtype=torch.float64)
+    cov = (Q * lam) @ Q.T * sd[:, None] * sd[None]
+
+    def closed_form(y, m, t, mode=None, calibrated=True):
+        return sbida.posterior.GaussianPosterior(torch.zeros(len(y), *est.state_shape), cov=cov.float().expand(
+            len(y), D, D))
+
+    h = dict(est.hparams)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(est, "posterior", closed_form)
+            for c, g in ((0.8, 1.4), (1.2, 1.0)):
+                fit = est.fit_gaussian(_KnownGaussian(data, _calibrated_cov(est, cov[None], c, g)[0]), windows=4096,
+                                       power=True)
+                assert fit["windows"] == min(4096, len(data)) > 1500
+                assert fit["power"] == pytest.approx(g, abs=0.04) and fit["scale"] == pytest.approx(c, rel=0.03)
+                assert fit["tails"] > 50 and fit["nll"] <= fit["nll_gaussian"] + 1e-9, fit
+                assert est.hparams["gaussian_power"] == fit["power"] and len(fit["power_gains"]) == 2
+                assert (fit["power_t"] > 3) == (g != 1.0), fit  # a power the truths need helps held out
+            unfitted = est.fit_gaussian(_KnownGaussian(data, _calibrated_cov(est, cov[None], 0.8, 1.4)[0]),
+                                        windows=4096)  # gaussian_power_fit is off by default
+            assert unfitted["power"] == 1.0 == est.hparams["gaussian_power"] and unfitted["power_gains"] == []
+        x, y, m, t = data.get(torch.arange(3))
+        est.hparams.update(gaussian_scale=1.1, gaussian_power=1.3, gaussian_tails=None)
+        with torch.no_grad():
+            raw = est.posterior(y, m, t, mode="gaussian", calibrated=False).covariance().double()
+            cal = est.posterior(y, m, t, mode="gaussian").covariance().double()
+        assert torch.allclose(cal, _calibrated_cov(est, raw, 1.1, 1.3), rtol=1e-3, atol=1e-6)
+    finally:
+        est.hparams.update(h)
+
+
 class _Moved(sbida.data.WindowDataset):
     """The windows of a linear-Gaussian dataset with every true state moved to ``mean + a f_b (x - mean)`` about its
     exact posterior mean: ``f_b = 1`` (truths of ``N(mean, a^2 cov)``), or with ``nu``, ``f_b = sqrt((nu - 2) / w_b)``,
@@ -454,8 +522,10 @@ def test_gaussian_mode_calibration_is_fitted_after_training(lg):
     with torch.no_grad():
         raw = est.posterior(y, m, t, mode="gaussian", calibrated=False)
         cal = est.posterior(y, m, t, mode="gaussian")
-    assert cal.df == rec["tails"] and raw.df is None
-    assert torch.allclose(cal.std(), raw.std() * rec["scale"]) and torch.equal(cal.mean(), raw.mean())
+    assert cal.df == rec["tails"] and raw.df is None and torch.equal(cal.mean(), raw.mean())
+    assert est.hparams["gaussian_power"] == rec["power"] and 0.5 < rec["power"] < 2
+    assert torch.allclose(cal.covariance().double(), _calibrated_cov(est, raw.covariance().double(), rec["scale"],
+                                                                     rec["power"]), rtol=1e-3, atol=1e-4)  # float32
     eces = [sbida.diagnostics.expected_coverage(p, x.float(), n_samples=256, generator=torch.Generator().manual_seed(0)
                                                 ).ece for p in (raw, cal)]
     assert eces[1] < 0.035 and eces[1] < eces[0] - 0.03, eces
@@ -507,6 +577,8 @@ def test_posterior_mode_setting_and_errors(tiny):
         est.fit_gaussian(val, windows=1)
     with pytest.raises(ValueError, match="non-empty WindowDataset"):
         est.fit_gaussian(val.get(torch.arange(4)))
+    with pytest.raises(ValueError, match="gaussian_power"):
+        ComposedScore(task, gaussian_power=0.0, **SMALL)
     with pytest.raises(ValueError, match="posterior_mode"):
         ComposedScore(task, mode="guided", posterior_mode="gaussian", **SMALL)
     with pytest.raises(ValueError, match="gaussian_scale"):
