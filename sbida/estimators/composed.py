@@ -710,8 +710,8 @@ class ComposedScore(Estimator):
         composition's spread is off by a factor, and by one that varies from window to window (heavier tails); and
         it can be off by more in its wide directions than in its narrow ones, which a common factor cannot fix:
         after 20 minutes of training on ``lorenz96`` K=40 its covariance came out too wide in its narrow directions
-        and too narrow in its wide ones (``gamma`` 1.10; spread/skill 0.93 to 0.98 and joint ECE by distance 0.086
-        to 0.024 against the factor and tails alone, ``benchmarks/RESULTS.md``).
+        and too narrow in its wide ones (``gamma`` 1.095; spread/skill 0.93 to 0.98 and joint ECE by distance 0.087
+        to 0.031 against the factor and tails alone, ``benchmarks/RESULTS.md``).
 
         Returns:
             ``{"scale", "power", "tails", "nll", "nll_gaussian", "power_gains", "power_t", "windows"}``: the fitted
