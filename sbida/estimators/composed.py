@@ -717,7 +717,8 @@ class ComposedScore(Estimator):
             ``{"scale", "power", "tails", "nll", "nll_gaussian", "power_gains", "power_t", "windows"}``: the fitted
             ``c``, ``gamma`` and ``nu``, the mean negative log-likelihood of the truths (nats per window, original
             units), calibrated and not, and the two held-out gains of the power (nats per window; ``nan`` for a
-            fold without windows; none where the power is not fitted) and their t-statistic over trajectories.
+            fold without windows; none where the power is not fitted) and their t-statistic over trajectories
+            (``None`` where not computed).
         """
         if self.hparams["mode"] != "composed":
             raise ValueError("fit_gaussian needs a model trained in composed mode (its Gaussian heads)")
@@ -804,7 +805,8 @@ class ComposedScore(Estimator):
         self.hparams.update(gaussian_scale=fit["scale"], gaussian_power=power, gaussian_tails=fit["df"])
         self.train(was_training)
         return {"scale": fit["scale"], "power": power, "tails": fit["df"], "nll": fit["nll"],
-                "nll_gaussian": plain["nll_gaussian"], "power_gains": gains, "power_t": t_stat,
+                "nll_gaussian": plain["nll_gaussian"], "power_gains": gains,
+                "power_t": t_stat if math.isfinite(t_stat) else None,
                 "windows": fit["windows"]}
 
     def after_fit(self, train: WindowDataset, val: WindowDataset | None, seed: int, progress: bool = False) -> None:
