@@ -801,7 +801,8 @@ class ComposedScore(Estimator):
             keep = t_stat > float(student_t.ppf(0.99, K - 1))
         rows = torch.arange(len(idx))
         power = best_power(rows) if fit_power and keep and all(x > 0 for x in gains) else 1.0
-        fit, plain = fit_at(rows, power), fit_at(rows, 1.0)
+        plain = fit_at(rows, 1.0)
+        fit = plain if power == 1.0 else fit_at(rows, power)
         self.hparams.update(gaussian_scale=fit["scale"], gaussian_power=power, gaussian_tails=fit["df"])
         self.train(was_training)
         return {"scale": fit["scale"], "power": power, "tails": fit["df"], "nll": fit["nll"],
