@@ -443,7 +443,7 @@ class _KnownGaussian(sbida.data.WindowDataset):
 
 def test_fit_gaussian_recovers_a_known_power_and_scale(tiny, monkeypatch):
     """Truths of ``c^2 U diag(l^gamma) U^T`` about a closed form ``U diag(l) U^T`` (standardized units) whose
-    eigenvalues span two decades: the fit with ``power=True`` finds ``gamma`` and ``c`` (1.4 and 0.8; 1 and 1.2),
+    eigenvalues span two decades: the fit finds ``gamma`` and ``c`` (1.4 and 0.8; 1 and 1.2),
     Gaussian tails, and the calibrated closed form of a model has exactly that covariance."""
     task, _, _, ests = tiny
     est = ests["composed"]
@@ -470,7 +470,7 @@ def test_fit_gaussian_recovers_a_known_power_and_scale(tiny, monkeypatch):
                 assert est.hparams["gaussian_power"] == fit["power"] and len(fit["power_gains"]) == 2
                 assert (fit["power_t"] > 3) == (g != 1.0), fit  # a power the truths need helps held out
             unfitted = est.fit_gaussian(_KnownGaussian(data, _calibrated_cov(est, cov[None], 0.8, 1.4)[0]),
-                                        windows=4096)  # gaussian_power_fit is off by default
+                                        windows=4096, power=False)
             assert unfitted["power"] == 1.0 == est.hparams["gaussian_power"] and unfitted["power_gains"] == []
         x, y, m, t = data.get(torch.arange(3))
         est.hparams.update(gaussian_scale=1.1, gaussian_power=1.3, gaussian_tails=None)
