@@ -203,13 +203,22 @@ class GaussianNoise:
             self.p = p.clamp_min(0)
         else:
             self.p, self.U = precision, None
+        self._powers: dict[float, Tensor] = {}  # p ** power, computed once per power, not at every diffusion step
 
     def select(self, rows: Tensor) -> GaussianNoise:
         """The Gaussians of the given rows."""
         out = copy.copy(self)
         out.mean, out.p = self.mean[rows], self.p[rows]
         out.U = None if self.U is None else self.U[rows]
+        out._powers = {}
         return out
+
+    def _pow(self, power: float) -> Tensor:
+        if power == 1.0:
+            return self.p
+        if power not in self._powers:
+            self._powers[power] = self.p.pow(power)
+        return self._powers[power]
 
     def __call__(self, x: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
         """``eps_G`` of states ``x (n, N, D)`` (row ``j`` of every sample under Gaussian ``j``) at ``mu, sigma``
@@ -220,8 +229,8 @@ class GaussianNoise:
         """What ``eps_G`` gains when the covariances ``U diag(1/p) U^T`` become ``factor U diag(p^-power) U^T``
         (``factor`` broadcastable to ``(n, N, 1)``): the noise of those Gaussians of the same means, minus
         ``self(x, mu, sigma)`` (one projection for both)."""
-        p = self.p if power == 1.0 else self.p.pow(power)
-        return self._apply(x - mu * self.mean, self._gain(mu, sigma, factor, p) - self._gain(mu, sigma, 1.0))
+        gain = self._gain(mu, sigma, factor, self._pow(power)) - self._gain(mu, sigma, 1.0)
+        return self._apply(x - mu * self.mean, gain)
 
     def _gain(self, mu: Tensor, sigma: Tensor, factor: Tensor | float, p: Tensor | None = None) -> Tensor:
         p = self.p if p is None else p
