@@ -219,7 +219,7 @@ def effective_sample_size(log_w: Tensor) -> Tensor:
 def smc(log_prior_and_likelihood: Callable[[Tensor], tuple[Tensor, Tensor]], v0: Tensor, moves: int = 10,
         ess_fraction: float = 0.5, target_acceptance: float = 0.5, max_temperatures: int = 500,
         generator: torch.Generator | None = None, progress: bool = False, dense: bool | None = None,
-        record: bool = False) -> SMCResult:
+        record: bool = False, record_log_prior: Callable[[Tensor], Tensor] | None = None) -> SMCResult:
     r"""Likelihood-tempered SMC over ``B`` independent targets of ``N`` particles each (see the module).
 
     Targets :math:`\pi_b(v) \propto p(v)\, \ell(v)^b` for :math:`0 = b_0 < b_1 < \dots < b_K = 1`; each step picks
@@ -244,6 +244,9 @@ def smc(log_prior_and_likelihood: Callable[[Tensor], tuple[Tensor, Tensor]], v0:
         dense: dense preconditioner (default: up to ``DENSE_MAX`` variables and from ``2 D`` draws), else diagonal.
         record: keep the path of temperatures, evidences and the particles' log-likelihoods
             (:func:`tempered_log_evidence` reads it).
+        record_log_prior: ``v (N, B, D) -> (N, B)``: the log prior density the path records instead of ``log p``
+            (called without gradients, once per temperature), e.g. the density of the original variables where SMC
+            runs over a reparametrization ``v`` of them (the prior's log-Jacobian added back).
 
     Returns:
         An :class:`SMCResult`.
@@ -276,7 +279,13 @@ def smc(log_prior_and_likelihood: Callable[[Tensor], tuple[Tensor, Tensor]], v0:
     min_ess = torch.full((B,), float(N), dtype=dt, device=dev)
     acc_sum, n_moves = torch.zeros(B, dtype=dt, device=dev), 0
     bar = tqdm(total=100, desc="SMC", disable=not progress, leave=False)
-    path = [(b.clone(), log_z.clone(), ll.clone(), lp.clone())] if record else None
+    def recorded(v: Tensor, lp: Tensor) -> Tensor:
+        if record_log_prior is None:
+            return lp.clone()
+        with torch.no_grad():
+            return record_log_prior(v.detach()).to(lp.dtype)
+
+    path = [(b.clone(), log_z.clone(), ll.clone(), recorded(v, lp))] if record else None
 
     while bool((b < 1).any()):
         if int(n_temp.max()) >= max_temperatures:
@@ -313,7 +322,7 @@ def smc(log_prior_and_likelihood: Callable[[Tensor], tuple[Tensor, Tensor]], v0:
             log_h = log_h + (rate - target_acceptance)
             acc_sum, n_moves = acc_sum + rate, n_moves + 1
         if path is not None:
-            path.append((b.clone(), log_z.clone(), ll.clone(), lp.clone()))
+            path.append((b.clone(), log_z.clone(), ll.clone(), recorded(v, lp)))
         bar.update(int(100 * float(b.min())) - bar.n)
     bar.close()
     return SMCResult(v, log_z, n_temp, min_ess, acc_sum / max(n_moves, 1), path)

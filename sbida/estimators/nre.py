@@ -35,8 +35,13 @@ otherwise ``"laplace"`` for states of up to ``LAPLACE_MAX`` values and ``"learne
   :math:`g\,e^{\beta f}`, :math:`0 = \beta_0 < \dots < \beta_K = 1`, each :math:`\beta_{k+1}` set so that the
   weights :math:`e^{(\beta_{k+1} - \beta_k) f}` keep an effective sample size of ``smc_ess`` x ``n``, then
   systematic resampling and ``smc_moves`` MALA moves invariant for the tempered target (mass matrix: the weighted
-  particles' covariance). Its cost is about ``K x smc_moves`` evaluations of ``f`` and ``log g`` with their
-  gradients, K the number of temperatures (4 to 6 on ``lorenz96`` K=40).
+  particles' covariance). With ``smc_space="base"`` (the default) the particles are the reference flow's base
+  variables :math:`u`, :math:`\tilde x = T(u)`: the path runs from :math:`\mathcal N(0, I)` to
+  :math:`\mathcal N(u)\,e^{f(T(u))}`, where the flow has taken out most of the posterior's scales and correlations
+  and MALA mixes in fewer moves (the reparametrization of neural-transport MCMC, Hoffman et al., 2019);
+  ``smc_space="state"`` moves the standardized states, with :math:`g` as the prior. Its cost is about
+  ``K x smc_moves`` evaluations of ``f`` and of the flow (``log g``, or the map ``T``) with their gradients, K the
+  number of temperatures (4 to 6 on ``lorenz96`` K=40).
 
 The other proposals give draws that are importance-resampled once and then moved by ``steps`` Metropolis-adjusted
 Langevin (MALA) steps, all windows and chains at once, the step size of each window adapted towards an acceptance of
@@ -165,10 +170,11 @@ class NRE(Estimator):
     the Gaussian's covariance towards the diagonal); sampler ``proposal`` (``"smc"``, ``"reference"``,
     ``"laplace"``, ``"learned"`` or ``"auto"``: SMC with a flow reference, else Laplace for states of up to
     ``LAPLACE_MAX`` values and learned beyond; see the module docstring), ``smc_moves`` and ``smc_ess`` (SMC's MALA
-    moves per temperature and the fraction of effective particles kept at each), ``ratio_temperature`` (``tau`` of
-    the posterior ``g e^{tau f}``, 1 by default; :meth:`fit_temperature` fits it), ``temperature_fit`` (``None``,
-    ``"coverage"`` or ``"nll"``: the criterion of a :meth:`fit_temperature` on the validation windows at the end of
-    :meth:`fit`, over ``temperature_windows`` of them and temperatures up to ``temperature_max``), ``newton``
+    moves per temperature and the fraction of effective particles kept at each), ``smc_space`` (``"base"``: SMC
+    runs over the reference's base variables, ``"state"``: over the standardized states), ``ratio_temperature``
+    (``tau`` of the posterior ``g e^{tau f}``, 1 by default; :meth:`fit_temperature` fits it), ``temperature_fit``
+    (``None``, ``"coverage"`` or ``"nll"``: the criterion of a :meth:`fit_temperature` on the validation windows at
+    the end of :meth:`fit`, over ``temperature_windows`` of them and temperatures up to ``temperature_max``), ``newton``
     (Newton steps to the mode), ``steps`` (MALA steps after resampling), ``inflate`` (proposal scale factor),
     ``sample_rows`` (chains x windows run at once, bounds memory). The sampler's settings (``sampler_hparams``) can
     change between an interrupted fit and its resumption.
@@ -180,12 +186,12 @@ class NRE(Estimator):
         "reference": "flow", "ref_transforms": 2, "ref_hidden": [32], "ref_kernel": 5, "ref_levels": None,
         "loss": "nre", "lmbda": 100.0, "contrast_weight": 1.0, "proposal_weight": 1.0,
         "marginal": "full", "marginal_steps": 2000, "shrinkage": 0.01, "proposal": "auto", "newton": 3, "steps": 10,
-        "inflate": 1.1, "sample_rows": 65536, "smc_moves": 100, "smc_ess": 0.3,
+        "inflate": 1.1, "sample_rows": 65536, "smc_moves": 100, "smc_ess": 0.3, "smc_space": "base",
         "ratio_temperature": 1.0, "temperature_fit": None, "temperature_windows": 128, "temperature_max": 1.0,
     }
     # the sampler's settings: changing them does not change the network or its training (an interrupted fit resumes)
     sampler_hparams = frozenset({"proposal", "newton", "steps", "inflate", "sample_rows", "smc_moves", "smc_ess",
-                                 "ratio_temperature", "temperature_fit", "temperature_windows",
+                                 "smc_space", "ratio_temperature", "temperature_fit", "temperature_windows",
                                  "temperature_max"})
 
     def build(self) -> None:
@@ -210,6 +216,8 @@ class NRE(Estimator):
                              f"{h['temperature_windows']} and {h['temperature_max']}")
         if int(h["smc_moves"]) < 1 or not 0 < float(h["smc_ess"]) < 1:
             raise ValueError(f"smc_moves must be >= 1 and 0 < smc_ess < 1, got {h['smc_moves']} and {h['smc_ess']}")
+        if h["smc_space"] not in ("base", "state"):
+            raise ValueError(f"smc_space must be 'base' or 'state', got {h['smc_space']!r}")
         self._proposal_kind(h["proposal"])
         self.encoder = WindowEncoder(self.state_shape, self.obs_shape, self.lags, self.lift, channels=h["channels"],
                                      depth=h["depth"], kernel_size=h["kernel_size"], features=0,
@@ -528,9 +536,18 @@ class NRE(Estimator):
         with torch.no_grad():
             xi = torch.randn(n, hmap.shape[0], self.event_size, generator=generator, device=hmap.device,
                              dtype=hmap.dtype)
-            v0 = _reference_draws(ref, xi)
-        return smc(lambda z: (ref.log_prob(z), scale * self.ratio(z, context)), v0, moves=moves,
-                   ess_fraction=float(self.hparams["smc_ess"]), generator=generator, record=record, progress=progress)
+        options = dict(moves=moves, ess_fraction=float(self.hparams["smc_ess"]), generator=generator, record=record,
+                       progress=progress)
+        if self.hparams["smc_space"] == "state":
+            with torch.no_grad():
+                v0 = _reference_draws(ref, xi)
+            return smc(lambda z: (ref.log_prob(z), scale * self.ratio(z, context)), v0, **options)
+        # over the reference's base variables u, z~ = T(u): the prior is N(0, I) and the target N(u) e^{b f(T(u))}
+        to_state = functools.partial(_reference_draws, ref)
+        res = smc(lambda u: (-0.5 * u.square().sum(-1), scale * self.ratio(to_state(u), context)), xi,
+                  record_log_prior=(lambda u: ref.log_prob(to_state(u))) if record else None, **options)
+        with torch.no_grad():
+            return res._replace(particles=to_state(res.particles))
 
     def fit_temperature(self, data: WindowDataset, windows: int = 128, particles: int = 128,
                         moves: int | None = None, max_temperature: float = 1.0,
