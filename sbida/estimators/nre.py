@@ -38,8 +38,10 @@ otherwise ``"laplace"`` for states of up to ``LAPLACE_MAX`` values and ``"learne
   particles' covariance). With ``smc_space="base"`` (the default) the particles are the reference flow's base
   variables :math:`u`, :math:`\tilde x = T(u)`: the path runs from :math:`\mathcal N(0, I)` to
   :math:`\mathcal N(u)\,e^{f(T(u))}`, where the flow has taken out most of the posterior's scales and correlations
-  and MALA mixes in fewer moves (the reparametrization of neural-transport MCMC, Hoffman et al., 2019);
-  ``smc_space="state"`` moves the standardized states, with :math:`g` as the prior. Its cost is about
+  and MALA mixes in fewer moves (the reparametrization of neural-transport MCMC, Hoffman et al., 2019; on
+  ``lorenz96`` K=40 after 25 minutes of training, with 100 moves and the temperature refitted, spread/skill 0.88 to
+  0.93 and the distance ECE 0.134 to 0.085, ``benchmarks/RESULTS.md``); ``smc_space="state"`` moves the
+  standardized states, with :math:`g` as the prior. Its cost is about
   ``K x smc_moves`` evaluations of ``f`` and of the flow (``log g``, or the map ``T``) with their gradients, K the
   number of temperatures (4 to 6 on ``lorenz96`` K=40).
 
