@@ -233,7 +233,7 @@ def test_smc_draws_the_reference_times_the_ratio_in_either_space(tiny, space):
     with torch.no_grad():  # a reference far from affine, whose log-Jacobian varies (the trained one is nearly affine)
         for p in est.flow.parameters():
             p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    x, y, m, t = train.get(torch.arange(3))
+    _, y, m, t = train.get(torch.arange(3))
     with torch.no_grad():
         b = est.standardize(None, y, m, t)
         hmap, _ = est.encoder(b.y, b.mask, b.t)

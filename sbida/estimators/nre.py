@@ -41,9 +41,9 @@ otherwise ``"laplace"`` for states of up to ``LAPLACE_MAX`` values and ``"learne
   and MALA mixes in fewer moves (the reparametrization of neural-transport MCMC, Hoffman et al., 2019; on
   ``lorenz96`` K=40 after 25 minutes of training, with 100 moves and the temperature refitted, spread/skill 0.88 to
   0.93 and the distance ECE 0.134 to 0.085, ``benchmarks/RESULTS.md``); ``smc_space="state"`` moves the
-  standardized states, with :math:`g` as the prior. Its cost is about
-  ``K x smc_moves`` evaluations of ``f`` and of the flow (``log g``, or the map ``T``) with their gradients, K the
-  number of temperatures (4 to 6 on ``lorenz96`` K=40).
+  standardized states, with :math:`g` as the prior. Its cost is about ``K x smc_moves`` evaluations of ``f`` and of
+  the flow (``log g``, or the map ``T``) with their gradients, K the number of temperatures (4 to 6 on ``lorenz96``
+  K=40).
 
 The other proposals give draws that are importance-resampled once and then moved by ``steps`` Metropolis-adjusted
 Langevin (MALA) steps, all windows and chains at once, the step size of each window adapted towards an acceptance of
@@ -173,7 +173,8 @@ class NRE(Estimator):
     ``"laplace"``, ``"learned"`` or ``"auto"``: SMC with a flow reference, else Laplace for states of up to
     ``LAPLACE_MAX`` values and learned beyond; see the module docstring), ``smc_moves`` and ``smc_ess`` (SMC's MALA
     moves per temperature and the fraction of effective particles kept at each), ``smc_space`` (``"base"``: SMC
-    runs over the reference's base variables, ``"state"``: over the standardized states), ``ratio_temperature``
+    runs over the reference's base variables, ``"state"``: over the standardized states; models saved before this
+    setting existed load with ``"base"``, though a temperature they fitted came from ``"state"``), ``ratio_temperature``
     (``tau`` of the posterior ``g e^{tau f}``, 1 by default; :meth:`fit_temperature` fits it), ``temperature_fit``
     (``None``, ``"coverage"`` or ``"nll"``: the criterion of a :meth:`fit_temperature` on the validation windows at
     the end of :meth:`fit`, over ``temperature_windows`` of them and temperatures up to ``temperature_max``), ``newton``
@@ -800,7 +801,8 @@ def _mala(log_target, z: Tensor, steps: int, metric: _Metric,
 
 def _reference_draws(ref: Distribution, xi: Tensor) -> Tensor:
     """Draws ``(m, b, D)`` of the reference ``g`` from standard-normal base noise ``xi`` ``(m, b, D)`` (the noise drawn
-    by the caller, so that a generator makes them reproducible)."""
+    by the caller, so that a generator makes them reproducible): the reference's map ``T`` from its base variables,
+    differentiable (the base-space SMC moves ``xi``)."""
     if isinstance(ref, TransformedDistribution):
         flow = ref.base_dist
         return ref.transforms[0](flow.transform.inv(xi))
