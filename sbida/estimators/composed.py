@@ -703,7 +703,7 @@ class ComposedScore(Estimator):
         ``hparams["gaussian_power"]`` and ``hparams["gaussian_tails"]``, saved with the model): with the composed
         covariance ``S = U diag(l) U^T`` in standardized units, the calibrated one is ``c^2 U diag(l^gamma) U^T``
         under a Student-t of ``nu`` degrees of freedom, and ``(c, gamma, nu)`` maximise the likelihood of the true
-        states of ``windows`` windows of ``data`` (not training windows): ``gamma`` by a golden-section search on
+        states of ``windows`` windows of ``data`` (not training windows): ``gamma`` by scipy's bounded scalar search on
         ``log gamma`` in ``[log 1/4, log 4]``, ``c`` and ``nu`` at each ``gamma`` by
         :func:`~sbida.posterior.fit_student_t` on the squared Mahalanobis distances. ``gamma`` stays 1 unless it
         generalizes across trajectories: fitted on the windows of half the trajectories (every other one), it must
@@ -760,21 +760,12 @@ class ComposedScore(Estimator):
             r2, jac = whiten(rows, g)
             return fit_student_t(r2, D, jac, scale=True)
 
-        def best_power(rows: Tensor) -> float:  # golden-section search on log gamma
-            lo, hi = math.log(0.25), math.log(4.0)
-            r = (math.sqrt(5) - 1) / 2
-            u, v = hi - r * (hi - lo), lo + r * (hi - lo)
-            fu, fv = fit_at(rows, math.exp(u))["nll"], fit_at(rows, math.exp(v))["nll"]
-            while hi - lo > 1e-4:
-                if fu <= fv:
-                    hi, v, fv = v, u, fu
-                    u = hi - r * (hi - lo)
-                    fu = fit_at(rows, math.exp(u))["nll"]
-                else:
-                    lo, u, fu = u, v, fv
-                    v = lo + r * (hi - lo)
-                    fv = fit_at(rows, math.exp(v))["nll"]
-            return math.exp((lo + hi) / 2)
+        def best_power(rows: Tensor) -> float:  # bounded scalar search on log gamma
+            from scipy.optimize import minimize_scalar  # imported here: scipy is slow to import
+
+            res = minimize_scalar(lambda lg: fit_at(rows, math.exp(lg))["nll"], method="bounded",
+                                  bounds=(math.log(0.25), math.log(4.0)), options={"xatol": 1e-4})
+            return math.exp(float(res.x))
 
         def held_out_nll(rows: Tensor, g: float, fit: dict[str, float]) -> Tensor:
             r2, jac = whiten(rows, g)
@@ -799,16 +790,14 @@ class ComposedScore(Estimator):
             per_window[held] = d
             gains.append(float(d.mean()))
         K = int(traj.max()) + 1
-        t_stat = float("nan")
+        t_stat, keep = float("nan"), False
         if fit_power and K >= 4 and all(math.isfinite(x) for x in gains):
+            from scipy.stats import ttest_1samp  # imported here: scipy is slow to import
+
             n = torch.zeros(K, dtype=torch.float64).index_add_(0, traj, torch.ones_like(per_window))
             by_traj = torch.zeros(K, dtype=torch.float64).index_add_(0, traj, per_window) / n
-            t_stat = float(by_traj.mean() / (by_traj.std() / math.sqrt(K)).clamp_min(1e-300))
-        keep = False
-        if math.isfinite(t_stat):
-            from scipy.stats import t as student_t  # imported here: scipy is slow to import
-
-            keep = t_stat > float(student_t.ppf(0.99, K - 1))
+            test = ttest_1samp(by_traj.numpy(), 0.0, alternative="greater")
+            t_stat, keep = float(test.statistic), bool(test.pvalue < 0.01)
         rows = torch.arange(len(idx))
         power = best_power(rows) if fit_power and keep and all(x > 0 for x in gains) else 1.0
         plain = fit_at(rows, 1.0)
