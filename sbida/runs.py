@@ -221,7 +221,7 @@ def fit_from_state(est, train, val, fit: dict, fit_state: str | Path, resume: bo
 
 def _calibration_lines(records: dict[str, dict]) -> list[str]:
     """One line per calibration fit made at the end of a fit (NRE's temperature, NPE's inflation, scales, spread per
-    wavenumber and tails, ComposedScore's Gaussian mode)."""
+    wavenumber and tails, ComposedScore's Gaussian mode and residual weight)."""
     lines = []
     for kind, r in records.items():
         if kind == "gaussian":
@@ -229,6 +229,10 @@ def _calibration_lines(records: dict[str, dict]) -> list[str]:
                          f"eigenvalues to the power {r.get('power', 1.0):.4g}, "
                          f"Student-t of {r['tails']:.3g} degrees of freedom (NLL {r['nll']:.4g} nats per window, "
                          f"uncalibrated {r['nll_gaussian']:.4g})")
+        elif kind == "residual_weight":
+            scores = ", ".join(f"{w:g}: {v:.4g}" for w, v in zip(r["grid"], r["score"]))
+            lines.append(f"residual weight {r['weight']:g} fitted on {r['windows']} validation windows x "
+                         f"{r['samples']} draws ({r['criterion']} by weight: {scores})")
         elif kind == "scale":
             lines.append(f"scales of the flow's base fitted on {r['windows']} validation windows of "
                          f"{r['trajectories']} trajectories: {r['scale_min']:.3g} to {r['scale_max']:.3g}, median "
@@ -367,7 +371,8 @@ class Run:
                 self.log(f"{label}: resuming its interrupted training from {fit_state}")
             history, seconds = fit_from_state(est, train, val, fit, fit_state, resume, self.progress)
             est.save(ckpt)
-            calibration = {k: r for k in ("temperature", "inflation", "scale", "spectrum", "tails", "gaussian")
+            calibration = {k: r for k in ("temperature", "inflation", "scale", "spectrum", "tails", "gaussian",
+                                          "residual_weight")
                            if (r := getattr(est, f"{k}_record", None))}
             for line in _calibration_lines(calibration):
                 self.log(f"{label}: {line}")

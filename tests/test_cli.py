@@ -244,7 +244,9 @@ def test_calibration_lines_name_every_kind_of_fit():
         "temperature": {"temperature": 0.6, "criterion": "coverage", "score": [0.05, 0.02], "score_at_1": 0.1,
                         "windows": 128},
         "spectrum": {"gains": [1.0, 0.93, 1.12], "own": 2, "spread_skill": [1.0, 1.08, 0.9], "nll": 58.1,
-                     "nll_before": 58.4, "windows": 1024, "samples": 64, "trajectories": 51}})
+                     "nll_before": 58.4, "windows": 1024, "samples": 64, "trajectories": 51},
+        "residual_weight": {"weight": 0.0, "criterion": "coverage", "grid": [0.0, 0.5, 1.0],
+                            "score": [0.0446, 0.1867, 0.2714], "windows": 64, "samples": 32}})
     assert lines[0] == ("mode 'gaussian' calibrated on 4096 validation windows: spread x1.077, eigenvalues to the "
                         "power 1.095, Student-t of 43.4 degrees of freedom (NLL 72.29 nats per window, uncalibrated "
                         "72.67)")
@@ -254,3 +256,5 @@ def test_calibration_lines_name_every_kind_of_fit():
     assert lines[4] == ("spread per wavenumber fitted on 1024 validation windows of 51 trajectories x 64 draws: 2 of 3 "
                         "wavenumbers with their own factor, factors 0.93 to 1.12 (NLL 58.1 nats per window, before "
                         "58.4)")
+    assert lines[5] == ("residual weight 0 fitted on 64 validation windows x 32 draws (coverage by weight: 0: 0.0446, "
+                        "0.5: 0.1867, 1: 0.2714)")

@@ -213,6 +213,73 @@ def test_residual_network_draws_the_calibrated_composition(power):
     assert tail_exact > 0.03 and abs(tail - tail_exact) < 0.02, (tail, tail_exact)
 
 
+def test_residual_weight_scales_the_networks_part_of_the_composition():
+    """The composed noise at ``residual_weight`` w is the calibrated closed form's noise plus w times what the
+    networks' residuals add: at 0 it is exactly the noise of the calibrated closed form (spread factor and power on
+    its covariance, whatever the network outputs), at 1 the composition as trained, and linear in between."""
+    task = sbida.tasks.get("linear-gaussian")
+    data = task.simulate(progress=False, n_trajectories=16)
+    torch.manual_seed(0)
+    est = ComposedScore(task, **SMALL)
+    est.fit_standardization(data)
+    with torch.no_grad():  # a U-Net that outputs something (its initialization outputs zero)
+        for q in est.net.parameters():
+            q.add_(0.3 * torch.randn_like(q))
+    est.hparams.update(gaussian_scale=1.5, gaussian_power=1.3)
+    est.eval()
+    x, y, m, t = data.get(torch.tensor([300, 301]))
+    batch = est.standardize(None, y, m, t)
+    n, B = 3, 2
+    gen = torch.Generator().manual_seed(1)
+    xs = torch.randn(n * B, *est.state_shape, generator=gen)
+    s = torch.full((n * B,), 0.4)
+    eps = {}
+    with torch.no_grad():
+        for w in (0.0, 0.5, 1.0):
+            est.hparams["residual_weight"] = w
+            eps[w] = est._composed(batch, est.lags, "gauss", calibrated=True)(n, None)(xs, s)
+    assert float((eps[1.0] - eps[0.0]).abs().max()) > 0.05  # the network matters at weight 1
+    torch.testing.assert_close(eps[0.5], 0.5 * (eps[0.0] + eps[1.0]), atol=1e-5, rtol=1e-5)
+    # the exact noise of N(m, C) diffused to (mu, sigma): sigma (mu^2 C + sigma^2 I)^{-1} (x_s - mu m), standardized
+    post = est.posterior(y, m, t, mode="gaussian")
+    sd, mean = est.x_std.flatten(), est.x_mean.flatten()
+    C = post.covariance().reshape(B, -1, sd.numel()) / (sd[:, None] * sd[None])
+    mc = (post.mean().flatten(1) - mean) / sd
+    mu, sigma = est.schedule.mu(s[0]), est.schedule.sigma(s[0])
+    A = mu**2 * C + sigma**2 * torch.eye(sd.numel())
+    d = xs.reshape(n, B, -1) - mu * mc
+    exact = sigma * torch.linalg.solve(A, d.transpose(0, 1).mT).mT.transpose(0, 1)
+    torch.testing.assert_close(eps[0.0].reshape(n, B, -1), exact, atol=1e-4, rtol=1e-4)
+
+
+def test_fit_residual_weight_finds_the_calibrated_weight(monkeypatch):
+    """On draws that are calibrated at one weight of the grid (truths ``N(m, I)``, draws ``N(m, (0.5 + w)^2 I)``),
+    both criteria pick that weight, set it and report one score per weight."""
+    task = sbida.tasks.get("linear-gaussian")
+    data = task.simulate(progress=False, n_trajectories=16)
+    est = ComposedScore(task, **SMALL)
+    est.fit_standardization(data)
+    idx = est._calibration_windows(data, 64, 0)
+    x = data.get(idx)[0]
+    centre = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+
+    def fake_posterior(y, m, t, mode=None):
+        w = est.hparams["residual_weight"]
+
+        def sample(n, generator=None):
+            return centre + (0.5 + w) * torch.randn(n, *centre.shape, generator=generator)
+
+        return sbida.posterior.SamplerPosterior(sample, centre.shape[0], est.state_shape)
+
+    monkeypatch.setattr(est, "posterior", fake_posterior)
+    for criterion in ("coverage", "energy"):
+        est.hparams["residual_weight"] = 1.0
+        rec = est.fit_residual_weight(data, windows=64, samples=32, criterion=criterion)
+        assert rec["weight"] == 0.5 and est.hparams["residual_weight"] == 0.5, rec
+        assert len(rec["score"]) == len(rec["grid"]) == 5 and rec["windows"] == 64
+        assert min(rec["score"]) < sorted(rec["score"])[1]  # not a tie
+
+
 def test_models_saved_before_the_residual_parametrization_load_without_it(tmp_path):
     task = sbida.tasks.get("linear-gaussian")
     est = ComposedScore(task, **SMALL)
@@ -585,3 +652,19 @@ def test_posterior_mode_setting_and_errors(tiny):
         ComposedScore(task, gaussian_scale=0.0, **SMALL)
     with pytest.raises(ValueError, match="gaussian_tails"):
         ComposedScore(task, gaussian_tails=2.0, **SMALL)
+    with pytest.raises(ValueError, match="residual_weight"):
+        ComposedScore(task, residual_weight=-0.5, **SMALL)
+    with pytest.raises(ValueError, match="residual network"):
+        ests["guided"].fit_residual_weight(val)
+    with pytest.raises(ValueError, match="criterion"):
+        est.fit_residual_weight(val, criterion="nll")
+    with pytest.raises(ValueError, match="grid"):
+        est.fit_residual_weight(val, grid=[-1.0, 1.0])
+    plain = ComposedScore(task, residual=False, residual_weight=0.5, **SMALL)
+    plain.load_state_dict(est.state_dict())
+    with pytest.raises(ValueError, match="residual_weight 0.5 needs a residual network"):
+        plain.posterior(y, m, t).sample(2)
+    # fit() ended with the weight's fit on its validation windows
+    rec = est.residual_weight_record
+    assert rec["weight"] == est.hparams["residual_weight"] and rec["weight"] in rec["grid"]
+    assert rec["windows"] == min(64, len(val)) and rec["criterion"] == "coverage"
