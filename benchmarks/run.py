@@ -75,7 +75,12 @@ FIT_SMOKE = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 16, "val_windows":
 CODA_QUICK = {"epochs": 1, "steps_per_epoch": 300, "batch_size": 16}
 # sampler settings of the short modes: NRE's default SMC (100 MALA moves per temperature) costs about 35 ms per sample
 # at K=40 on one thread, 12 min for the quick evaluation's 200 x 100 samples alone
-ESTIMATOR_SHORT = {"quick": {"nre": {"smc_moves": 10}}, "smoke": {"nre": {"smc_moves": 2}}}
+# ComposedScore's residual weight (64 windows x 32 draws at 5 weights by default; a draw with the network costs ~19 ms
+# at K=40) on fewer draws
+ESTIMATOR_SHORT = {"quick": {"nre": {"smc_moves": 10},
+                             "composed": {"residual_weight_windows": 32, "residual_weight_samples": 16}},
+                   "smoke": {"nre": {"smc_moves": 2},
+                             "composed": {"residual_weight_windows": 4, "residual_weight_samples": 4}}}
 DATA = {"quick": {"lorenz96": {"n_trajectories": 128, "n_states": 256},
                   "linear-gaussian": {"n_trajectories": 512, "n_states": 64},
                   "kolmogorov": {"n_trajectories": 48, "n_states": 96}},
