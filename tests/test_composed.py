@@ -278,6 +278,11 @@ def test_fit_residual_weight_finds_the_calibrated_weight(monkeypatch):
         assert rec["weight"] == 0.5 and est.hparams["residual_weight"] == 0.5, rec
         assert len(rec["score"]) == len(rec["grid"]) == 5 and rec["windows"] == 64
         assert min(rec["score"]) < sorted(rec["score"])[1]  # not a tie
+    # within the margin of the lowest score the smallest weight is kept
+    rec = est.fit_residual_weight(data, windows=64, samples=32, margin=10.0)
+    assert rec["weight"] == 0.0 == est.hparams["residual_weight"] and rec["margin"] == 10.0
+    rec = est.fit_residual_weight(data, windows=64, samples=32, grid=[1.0, 0.5, 0.25])
+    assert rec["weight"] == 0.5 and rec["margin"] == 0.01
 
 
 def test_models_saved_before_the_residual_parametrization_load_without_it(tmp_path):
@@ -660,6 +665,8 @@ def test_posterior_mode_setting_and_errors(tiny):
         est.fit_residual_weight(val, criterion="nll")
     with pytest.raises(ValueError, match="grid"):
         est.fit_residual_weight(val, grid=[-1.0, 1.0])
+    with pytest.raises(ValueError, match="margin"):
+        est.fit_residual_weight(val, margin=-0.1)
     plain = ComposedScore(task, residual=False, residual_weight=0.5, **SMALL)
     plain.load_state_dict(est.state_dict())
     with pytest.raises(ValueError, match="residual_weight 0.5 needs a residual network"):

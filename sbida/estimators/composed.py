@@ -834,7 +834,7 @@ class ComposedScore(Estimator):
 
     def fit_residual_weight(self, data: WindowDataset, windows: int = 64, samples: int = 32,
                             grid: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), criterion: str = "coverage",
-                            seed: int = 0, progress: bool = False) -> dict[str, Any]:
+                            margin: float | None = None, seed: int = 0, progress: bool = False) -> dict[str, Any]:
         r"""Fit the weight ``w`` of the residual network's part of the composed sampler on held-out windows and set
         it (``hparams["residual_weight"]``, saved with the model).
 
@@ -844,13 +844,21 @@ class ComposedScore(Estimator):
         The residuals carry what is not Gaussian in the single-observation posteriors, but the Gaussian correction
         of the composition is exact only for Gaussians, and the errors of the ``T + 1`` networks add up (the prior's
         with weight ``T - 1``). Every weight of ``grid`` draws ``samples`` per window for ``windows`` windows of
-        ``data`` (not training windows) with the same random numbers, and the one of the lowest score is kept:
+        ``data`` (not training windows) with the same random numbers, and the smallest weight whose score is within
+        ``margin`` of the lowest is kept (less of the networks unless more is clearly better: a smaller weight is
+        closer to the calibrated closed form and, at 0, some 100 times cheaper to draw):
 
         - ``criterion="coverage"``: the ECE of the joint coverage by the distance statistic
           (:func:`~sbida.diagnostics.expected_coverage`, ``method="distance"``), the calibration the benchmarks
           report for samplers;
         - ``criterion="energy"``: the energy score (:func:`~sbida.diagnostics.energy_score`), proper, which trades
           calibration for sharpness.
+
+        ``margin`` (default 0.01 for the coverage, 0 for the energy score, in the criterion's units): on the
+        linear-Gaussian task (a 15-minute network) the validation ECEs of the five weights were within 0.006 of each
+        other for two draws of the windows (0.082 to 0.076, 0.058 to 0.055) and the lowest at 0.5, where on the test
+        windows the weight 0 was as accurate and closer to the exact posterior (C2ST AUC 0.684 against 0.712 at 0.5
+        and 0.728 at 1) at a hundredth of the cost.
 
         After 20 minutes of training on ``lorenz96`` K=40 (the defaults: 64 validation windows x 32 samples) the
         residuals made the draws narrower and worse with every weight (distance ECE 0.045, 0.123, 0.187, 0.231 and
@@ -860,7 +868,8 @@ class ComposedScore(Estimator):
         same distribution directly, with ``log_prob``.
 
         Returns:
-            ``{"weight", "criterion", "grid", "score", "windows", "samples"}`` (``score``: one per grid weight).
+            ``{"weight", "criterion", "grid", "score", "margin", "windows", "samples"}`` (``score``: one per grid
+            weight).
         """
         if self.hparams["mode"] != "composed" or not self._weighted():
             h = self.hparams
@@ -872,6 +881,9 @@ class ComposedScore(Estimator):
         grid = [float(w) for w in grid]
         if not grid or any(not math.isfinite(w) or w < 0 for w in grid) or samples < 2:
             raise ValueError(f"need a non-empty grid of finite weights >= 0 and samples >= 2, got {grid} and {samples}")
+        margin = (0.01 if criterion == "coverage" else 0.0) if margin is None else float(margin)
+        if not margin >= 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
         idx = self._calibration_windows(data, windows, seed)
         x, y, m, t = data.get(idx)
         was_training, before = self.training, self.hparams["residual_weight"]
@@ -888,10 +900,10 @@ class ComposedScore(Estimator):
         finally:
             self.hparams["residual_weight"] = before
             self.train(was_training)
-        best = grid[min(range(len(grid)), key=scores.__getitem__)]
+        best = min(w for w, v in zip(grid, scores) if v <= min(scores) + margin)
         self.hparams["residual_weight"] = best
-        return {"weight": best, "criterion": criterion, "grid": grid, "score": scores, "windows": len(idx),
-                "samples": samples}
+        return {"weight": best, "criterion": criterion, "grid": grid, "score": scores, "margin": margin,
+                "windows": len(idx), "samples": samples}
 
     def after_fit(self, train: WindowDataset, val: WindowDataset | None, seed: int, progress: bool = False) -> None:
         """After :meth:`fit` of a composed-mode model: :meth:`fit_gaussian` on ``val`` when ``gaussian_fit`` is set
