@@ -947,14 +947,16 @@ class ComposedScore(Estimator):
         c2, nu = float(self.hparams["gaussian_scale"]) ** 2, self.hparams["gaussian_tails"]
         power = float(self.hparams["gaussian_power"])
         weight = float(self.hparams["residual_weight"])
-        gauss = None  # the heads composed over the window: the Gaussian part of a residual network's composition
-        if base is not None and correction == "gauss" and self.hparams["precision"] != "jacobian":
-            gauss = GaussianNoise(*self.compose_heads(mean, logvar, full, B, T))
-        elif weight != 1.0:
+        parts = base is not None and correction == "gauss" and self.hparams["precision"] != "jacobian"
+        if weight != 1.0 and not parts:
             raise ValueError(f"residual_weight {weight} needs a residual network composed with correction 'gauss' "
                              f"and head precisions (residual {self.hparams['residual']}, correction {correction!r}, "
                              f"precision {self.hparams['precision']!r})")
-        window = gauss if calibrated and (c2 != 1.0 or nu is not None or power != 1.0) else None
+        calibrate = calibrated and (c2 != 1.0 or nu is not None or power != 1.0)
+        gauss = None  # the heads composed over the window: the Gaussian part of a residual network's composition
+        if parts and (weight != 1.0 or calibrate):
+            gauss = GaussianNoise(*self.compose_heads(mean, logvar, full, B, T))
+        window = gauss if calibrate else None
 
         def make(n: int, generator: torch.Generator | None = None):
             factor = None  # covariance factors of the calibrated Gaussian part, one per sample (n, B, 1)
