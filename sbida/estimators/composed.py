@@ -826,11 +826,13 @@ class ComposedScore(Estimator):
                 "power_t": t_stat if math.isfinite(t_stat) else None,
                 "windows": fit["windows"]}
 
-    def _weighted(self) -> bool:
+    def _weighted(self, correction: str | None = None) -> bool:
         """Whether the composed sampler has a Gaussian part and a residual part to weigh (``residual_weight``): a
-        residual network composed with the ``"gauss"`` correction and head precisions."""
+        residual network composed with the ``"gauss"`` correction (``correction``, default the hyperparameter) and
+        head precisions."""
         h = self.hparams
-        return self._residual() and h["correction"] == "gauss" and h["precision"] != "jacobian"
+        correction = h["correction"] if correction is None else correction
+        return self._residual() and correction == "gauss" and h["precision"] != "jacobian"
 
     def fit_residual_weight(self, data: WindowDataset, windows: int = 64, samples: int = 32,
                             grid: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), criterion: str = "coverage",
@@ -871,7 +873,7 @@ class ComposedScore(Estimator):
             ``{"weight", "criterion", "grid", "score", "margin", "windows", "samples"}`` (``score``: one per grid
             weight).
         """
-        if self.hparams["mode"] != "composed" or not self._weighted():
+        if not self._weighted():
             h = self.hparams
             raise ValueError(f"fit_residual_weight needs a residual network in composed mode with correction 'gauss' "
                              f"and head precisions (mode {h['mode']!r}, residual {h['residual']}, correction "
@@ -947,7 +949,7 @@ class ComposedScore(Estimator):
         c2, nu = float(self.hparams["gaussian_scale"]) ** 2, self.hparams["gaussian_tails"]
         power = float(self.hparams["gaussian_power"])
         weight = float(self.hparams["residual_weight"])
-        parts = base is not None and correction == "gauss" and self.hparams["precision"] != "jacobian"
+        parts = self._weighted(correction)
         if weight != 1.0 and not parts:
             raise ValueError(f"residual_weight {weight} needs a residual network composed with correction 'gauss' "
                              f"and head precisions (residual {self.hparams['residual']}, correction {correction!r}, "
