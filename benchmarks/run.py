@@ -4,7 +4,9 @@ For a task, the estimators (hyperparameters and fit budgets from ``configs/estim
 under ``--quick``/``--smoke``) are trained and the baselines fitted through :class:`sbida.runs.Run`; each method is
 scored by :func:`sbida.diagnostics.evaluate` on the same test windows (RMSE, nRMSE = RMSE / climatological std,
 CRPS, energy score, spread/skill, ECE = mean |coverage - level| and its largest gap (highest density regions where
-the posterior has ``log_prob``, else distance regions), ECE-d (by the distance regions for every method), SBC
+the posterior has ``log_prob``, else distance regions), ECE-d (by the distance regions for every method), the
+ECE that sampling noise alone gives a calibrated posterior on these windows (``noise``: the coverage resampled by
+trajectory, :func:`sbida.diagnostics.coverage_noise`; an ECE near it is consistent with calibration), SBC
 p-value, TARP expected coverage, C2ST ROC-AUC against a reference posterior where one exists), timed, and the table
 is printed; the metrics go to ``metrics.json`` and ``benchmark.json`` and the HTML report to ``report.html`` in
 ``--out``.
@@ -452,7 +454,8 @@ def _fmt(v: Any, f: str) -> str:
 COLUMNS = [("rmse", "RMSE", "{:.4g}"), ("nrmse", "nRMSE", "{:.4g}"), ("crps", "CRPS", "{:.4g}"),
            ("energy", "energy", "{:.4g}"), ("spread_skill", "spr/skl", "{:.3g}"), ("coverage_ece", "ECE", "{:.3f}"),
            ("coverage_max_gap", "maxgap", "{:.3f}"), ("coverage_method", "cov", "{}"),
-           ("distance_ece", "ECE-d", "{:.3f}"), ("sbc_p_value", "SBC p", "{:.2g}"), ("tarp_atc", "TARP", "{:+.3f}"),
+           ("distance_ece", "ECE-d", "{:.3f}"), ("coverage_ece_noise", "noise", "{:.3f}"),
+           ("sbc_p_value", "SBC p", "{:.2g}"), ("tarp_atc", "TARP", "{:+.3f}"),
            ("c2st_auc", "C2ST", "{:.3f}"),
            ("training_seconds", "train s", "{:.1f}"), ("seconds_1000_samples_1_window", "1x1000 s", "{:.3f}"),
            ("seconds_1000_windows", "1000w s", "{:.2f}"), ("seconds_per_window", "ms/win", "{:.2f}"),

@@ -346,6 +346,15 @@ def test_evaluate_exact_linear_gaussian(linear_task, tmp_path):
     assert bad.spread_skill < 0.6 and bad.sbc.flagged() and bad.c2st_auc is None
     assert bad.rmse == pytest.approx(res.rmse, rel=0.05)
     assert max(bad.spectrum) < 0.6 and again.spectrum == res.spectrum
+    # the noise figure: the windows of 48 trajectories are noisier than 528 independent ones would be, the exact
+    # posterior's ECE is of the size of that noise, the over-confident ensemble's far beyond it
+    independent = math.sqrt(2 / math.pi) * float((dg.default_levels() * (1 - dg.default_levels())).sqrt().mean()
+                                                 / math.sqrt(len(data)))
+    assert res.coverage.ece_noise > 1.2 * independent and res.coverage.distance_ece_noise > 1.2 * independent
+    assert res.coverage.ece < 2.5 * res.coverage.ece_noise, (res.coverage.ece, res.coverage.ece_noise)
+    assert bad.coverage.ece > 5 * bad.coverage.ece_noise
+    assert again.coverage.ece_noise == res.coverage.ece_noise
+    assert res.metrics()["coverage_ece_noise"] == res.coverage.ece_noise
 
 
 def test_evaluate_rejects_bad_input(linear_task):
@@ -401,3 +410,38 @@ def test_scaled_gaussian_coverage_matches_the_hpd_coverage_of_gaussian_samples()
                                                                           - levels).abs().mean()
     with pytest.raises(ValueError, match="scale"):
         scaled_gaussian_coverage(0.0, 4)
+
+
+def test_coverage_noise_predicts_the_ece_of_a_calibrated_posterior():
+    """The noise figure is the mean ECE of calibrated credibilities (uniform), for independent windows and for
+    windows that come in correlated groups (here: 10 identical windows per trajectory)."""
+    g = torch.Generator().manual_seed(0)
+    levels = dg.default_levels()
+    for groups_of in (1, 10):
+        eces, noises = [], []
+        for _ in range(200):
+            cred = torch.rand(600 // groups_of, generator=g).repeat_interleave(groups_of)
+            groups = torch.arange(600) // groups_of
+            eces.append(float((dg.coverage_curve(cred, levels) - levels).abs().mean()))
+            noises.append(dg.coverage_noise(cred, groups, levels, n_boot=200, seed=len(eces))[1])
+        mean_ece, mean_noise = sum(eces) / len(eces), sum(noises) / len(noises)
+        assert mean_noise == pytest.approx(mean_ece, rel=0.12), (groups_of, mean_ece, mean_noise)
+    # the analytic figure for independent windows, and the grouped windows' as noisy as 60 independent ones
+    cred = torch.rand(6000, generator=g)
+    se, noise = dg.coverage_noise(cred, levels=levels, n_boot=400)
+    assert torch.allclose(se, (levels * (1 - levels) / 6000).sqrt(), rtol=0.15)
+    grouped = dg.coverage_noise(cred[:60].repeat_interleave(100), torch.arange(6000) // 100, levels, n_boot=400)[1]
+    assert grouped == pytest.approx(noise * 10, rel=0.2)
+    # ignoring the groups understates the noise of correlated windows
+    assert dg.coverage_noise(cred[:60].repeat_interleave(100), levels=levels)[1] < grouped / 5
+
+
+def test_coverage_noise_rejects_bad_input():
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        dg.coverage_noise(torch.rand(3, 2))
+    with pytest.raises(ValueError, match="shape of credibility"):
+        dg.coverage_noise(torch.rand(10), torch.arange(9))
+    with pytest.raises(ValueError, match="n_boot"):
+        dg.coverage_noise(torch.rand(10), n_boot=1)
+    res = dg.expected_coverage(torch.randn(50, 20, 3), torch.randn(20, 3), groups=torch.arange(20) // 4)
+    assert res.ece_noise > 0 and res.distance_ece_noise == res.ece_noise

@@ -9,6 +9,7 @@ from .coverage import (
     CoverageResult,
     central_credibility,
     coverage_curve,
+    coverage_noise,
     default_levels,
     distance_credibility,
     expected_coverage,
@@ -31,7 +32,7 @@ from .scores import (
 from .tarp import TARPResult, tarp, tarp_credibility, tarp_curve, tarp_references
 
 __all__ = [
-    "CoverageResult", "expected_coverage", "coverage_curve", "default_levels", "hpd_credibility",
+    "CoverageResult", "expected_coverage", "coverage_curve", "coverage_noise", "default_levels", "hpd_credibility",
     "distance_credibility", "central_credibility", "scaled_gaussian_coverage",
     "SBCResult", "sbc", "sbc_ranks",
     "TARPResult", "tarp", "tarp_credibility", "tarp_curve", "tarp_references",

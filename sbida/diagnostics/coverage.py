@@ -43,6 +43,7 @@ __all__ = [
     "central_credibility",
     "default_levels",
     "scaled_gaussian_coverage",
+    "coverage_noise",
 ]
 
 
@@ -70,6 +71,10 @@ class CoverageResult:
             Student-t by construction (they depend on the Mahalanobis distance only) and says nothing of the
             shape of its covariance; the distance regions (marginal variances) do.
         distance_ece: ECE of ``distance``.
+        ece_noise: the ECE that sampling noise alone gives a calibrated posterior on these windows
+            (:func:`coverage_noise`, by trajectory where the trajectories were given), for the curve ``coverage``;
+            an ``ece`` near it is consistent with calibration.
+        distance_ece_noise: the same for ``distance``.
     """
 
     levels: Tensor
@@ -82,27 +87,33 @@ class CoverageResult:
     marginal_ece: float | None = None
     distance: Tensor | None = None
     distance_ece: float | None = None
+    ece_noise: float | None = None
+    distance_ece_noise: float | None = None
 
     @classmethod
     def from_credibility(cls, credibility: Tensor, method: str, levels: Tensor | None = None,
                          marginal_credibility: Tensor | None = None,
-                         distance_credibility: Tensor | None = None) -> CoverageResult:
+                         distance_credibility: Tensor | None = None,
+                         groups: Tensor | None = None) -> CoverageResult:
         """Build the result from credibilities ``(B,)``, optional marginal credibilities ``(B, D)`` and optional
-        distance credibilities ``(B,)`` (``credibility`` itself where ``method`` is ``"distance"``)."""
+        distance credibilities ``(B,)`` (``credibility`` itself where ``method`` is ``"distance"``); ``groups``
+        ``(B,)``: the windows' trajectories, for the noise figures (default: independent windows)."""
         levels = _checked_levels(levels)
         cov = coverage_curve(credibility, levels)
         gap = (cov - levels).abs()
-        marginal = marginal_ece = distance = distance_ece = None
+        noise = coverage_noise(credibility, groups, levels)[1]
+        marginal = marginal_ece = distance = distance_ece = distance_noise = None
         if marginal_credibility is not None:
             marginal = coverage_curve(marginal_credibility, levels).mean(-1)
             marginal_ece = float((marginal - levels).abs().mean())
         if method == "distance":
-            distance, distance_ece = cov, float(gap.mean())
+            distance, distance_ece, distance_noise = cov, float(gap.mean()), noise
         elif distance_credibility is not None:
             distance = coverage_curve(distance_credibility, levels)
             distance_ece = float((distance - levels).abs().mean())
+            distance_noise = coverage_noise(distance_credibility, groups, levels)[1]
         return cls(levels, cov, float(gap.mean()), float(gap.max()), method, int(credibility.shape[0]), marginal,
-                   marginal_ece, distance, distance_ece)
+                   marginal_ece, distance, distance_ece, noise, distance_noise)
 
     def to_dict(self) -> dict:
         """A JSON-ready dictionary."""
@@ -111,14 +122,16 @@ class CoverageResult:
                 "marginal": None if self.marginal is None else self.marginal.tolist(),
                 "marginal_ece": self.marginal_ece,
                 "distance": None if self.distance is None else self.distance.tolist(),
-                "distance_ece": self.distance_ece}
+                "distance_ece": self.distance_ece, "ece_noise": self.ece_noise,
+                "distance_ece_noise": self.distance_ece_noise}
 
     @classmethod
     def from_dict(cls, d: dict) -> CoverageResult:
         """Inverse of :meth:`to_dict`."""
         t = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)  # noqa: E731
         return cls(t(d["levels"]), t(d["coverage"]), d["ece"], d["max_gap"], d["method"], d["n_windows"],
-                   t(d.get("marginal")), d.get("marginal_ece"), t(d.get("distance")), d.get("distance_ece"))
+                   t(d.get("marginal")), d.get("marginal_ece"), t(d.get("distance")), d.get("distance_ece"),
+                   d.get("ece_noise"), d.get("distance_ece_noise"))
 
 
 def _checked_levels(levels: Tensor | None) -> Tensor:
@@ -142,6 +155,58 @@ def coverage_curve(credibility: Tensor, levels: Tensor | None = None) -> Tensor:
     levels = _checked_levels(levels)
     c = credibility.to(torch.float64)
     return (c.unsqueeze(0) < levels.view(-1, *([1] * c.dim()))).double().mean(1)
+
+
+def coverage_noise(credibility: Tensor, groups: Tensor | None = None, levels: Tensor | None = None,
+                   n_boot: int = 500, seed: int = 0) -> tuple[Tensor, float]:
+    r"""Sampling noise of a coverage curve and the ECE that this noise alone gives a calibrated posterior.
+
+    Windows of one trajectory are correlated, so a coverage curve measured on ``B`` windows of ``G`` trajectories
+    is as noisy as one on far fewer independent windows. The curve is resampled by trajectory (a block bootstrap:
+    ``G`` groups drawn with replacement, each with all its windows), which gives the standard error
+    :math:`\sigma_\alpha` of the coverage at each level. A calibrated posterior's curve then misses the diagonal by
+    about :math:`|\mathcal N(0, \sigma_\alpha^2)|` at each level, so its expected ECE is
+    :math:`\sqrt{2/\pi}\,\overline{\sigma_\alpha}`: an ECE near that figure is what calibration looks like on
+    these windows, and one of several times it is not.
+
+    Args:
+        credibility: ``(B,)`` credibilities in ``[0, 1]`` (e.g. :func:`hpd_credibility`).
+        groups: ``(B,)`` integer labels of the windows' trajectories (default: every window its own group, for
+            independent windows).
+        levels: ``(L,)`` levels (default :func:`default_levels`).
+        n_boot: bootstrap resamples (``>= 2``).
+        seed: seed of the resampling.
+
+    Returns:
+        ``(se, ece_noise)``: the standard errors ``(L,)`` (float64) and :math:`\sqrt{2/\pi}` times their mean.
+    """
+    levels = _checked_levels(levels)
+    c = torch.as_tensor(credibility).to(torch.float64)
+    if c.dim() != 1 or c.numel() == 0:
+        raise ValueError(f"credibility must be a non-empty 1-D tensor, got shape {tuple(c.shape)}")
+    if int(n_boot) != n_boot or n_boot < 2:
+        raise ValueError(f"n_boot must be an integer >= 2, got {n_boot}")
+    if groups is None:
+        label = torch.arange(c.numel())
+    else:
+        groups = torch.as_tensor(groups)
+        if groups.shape != c.shape:
+            raise ValueError(f"groups must have the shape of credibility {tuple(c.shape)}, got {tuple(groups.shape)}")
+        label = torch.unique(groups, return_inverse=True)[1]
+    G = int(label.max()) + 1
+    hits = (c.unsqueeze(1) < levels).double()  # (B, L)
+    per_group = torch.zeros(G, len(levels), dtype=torch.float64).index_add_(0, label, hits)
+    size = torch.bincount(label, minlength=G).double()
+    gen = torch.Generator().manual_seed(int(seed))
+    curves = []
+    chunk = max(1, 2**22 // G)  # resamples at a time: a (chunk, G) weight matrix of at most 2^22 values
+    for i in range(0, int(n_boot), chunk):
+        n = min(chunk, int(n_boot) - i)
+        draws = torch.randint(G, (n, G), generator=gen)
+        w = torch.zeros(n, G, dtype=torch.float64).scatter_add_(1, draws, torch.ones(n, G, dtype=torch.float64))
+        curves.append((w @ per_group) / (w @ size).unsqueeze(1))
+    se = torch.cat(curves).std(0)
+    return se, math.sqrt(2 / math.pi) * float(se.mean())
 
 
 def scaled_gaussian_coverage(scale: float, dim: int, levels: Tensor | None = None) -> Tensor:
@@ -240,7 +305,7 @@ def central_credibility(ranks: Tensor, n_samples: int) -> Tensor:
 
 def expected_coverage(posterior_or_samples: Posterior | Tensor, truth: Tensor, levels: Tensor | None = None,
                       n_samples: int = 1000, method: str = "auto", generator: torch.Generator | None = None,
-                      samples: Tensor | None = None) -> CoverageResult:
+                      samples: Tensor | None = None, groups: Tensor | None = None) -> CoverageResult:
     """Expected coverage of a posterior (or of its samples) over a batch of windows.
 
     Args:
@@ -252,9 +317,11 @@ def expected_coverage(posterior_or_samples: Posterior | Tensor, truth: Tensor, l
         method: ``"hpd"`` (needs ``log_prob``), ``"distance"``, or ``"auto"`` (``"hpd"`` where possible).
         generator: random generator of the samples.
         samples: ``(n, B, *state_shape)`` samples already drawn from the given posterior (then none are drawn).
+        groups: ``(B,)`` the windows' trajectories, for ``ece_noise`` (default: independent windows).
 
     Returns:
-        A :class:`CoverageResult` with the joint curve and the marginal (central interval) curve.
+        A :class:`CoverageResult` with the joint curve, the marginal (central interval) curve and the ECE that
+        sampling noise alone would give a calibrated posterior on these windows.
     """
     if method not in ("auto", "hpd", "distance"):
         raise ValueError(f"method must be 'auto', 'hpd' or 'distance', got {method!r}")
@@ -278,6 +345,7 @@ def expected_coverage(posterior_or_samples: Posterior | Tensor, truth: Tensor, l
     else:
         cred = distance_credibility(samples, truth)
     ranks = (flat(samples, 2) < flat(truth, 1)).sum(0)
-    return CoverageResult.from_credibility(cred, method, levels, central_credibility(ranks, samples.shape[0]))
+    return CoverageResult.from_credibility(cred, method, levels, central_credibility(ranks, samples.shape[0]),
+                                           groups=groups)
 
 

@@ -90,7 +90,8 @@ class EvaluationResult:
         return {"rmse": self.rmse, "nrmse": self.nrmse, "crps": self.crps, "energy": self.energy,
                 "spread_skill": self.spread_skill, "coverage_ece": self.coverage.ece,
                 "coverage_max_gap": self.coverage.max_gap, "marginal_ece": self.coverage.marginal_ece,
-                "distance_ece": self.coverage.distance_ece, "sbc_p_value": self.sbc.p_value,
+                "distance_ece": self.coverage.distance_ece, "coverage_ece_noise": self.coverage.ece_noise,
+                "distance_ece_noise": self.coverage.distance_ece_noise, "sbc_p_value": self.sbc.p_value,
                 "tarp_atc": self.tarp.atc, "c2st_auc": self.c2st_auc}
 
     def to_dict(self) -> dict:
@@ -258,7 +259,7 @@ def evaluate(estimator_or_posterior_fn: Any, dataset, n_samples: int = 1000, bat
 
     t5 = time.perf_counter()
     cat = {k: torch.cat(v) for k, v in acc.items()}
-    cov = CoverageResult.from_credibility(cat["cred"], method, levels, cat["marginal"], cat["dist"])
+    cov = CoverageResult.from_credibility(cat["cred"], method, levels, cat["marginal"], cat["dist"], groups=traj)
     sbc_res = SBCResult.from_ranks(cat["ranks"], n_samples)
     tarp_res = TARPResult.from_credibility(cat["tarp"], tarp_bins)
     rmse = math.sqrt(float(cat["mse"].mean()))

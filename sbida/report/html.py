@@ -38,6 +38,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("spread_skill", "spread/skill", "{:.3f}"),
     ("coverage_ece", "coverage ECE", "{:.3f}"),
     ("distance_ece", "ECE (distance)", "{:.3f}"),
+    ("coverage_ece_noise", "ECE of noise alone", "{:.3f}"),
     ("sbc_p_value", "SBC p-value", "{:.3g}"),
     ("tarp_atc", "TARP ATC", "{:+.3f}"),
     ("c2st_auc", "C2ST AUC", "{:.3f}"),
@@ -211,7 +212,9 @@ def render(results: Mapping[str, EvaluationResult], dataset: Any = None, *, titl
                  '<p class="note">RMSE, nRMSE (RMSE / climatological std) and CRPS: lower is better. spread/skill: 1 '
                  "when the spread matches the error. Coverage ECE: mean |coverage - level| (0 when calibrated), by "
                  "highest density where the posterior has a density, else by a distance statistic; ECE (distance): "
-                 "by the distance statistic for every method (dash-dotted in the coverage plot). SBC "
+                 "by the distance statistic for every method (dash-dotted in the coverage plot). ECE of noise "
+                 "alone: the ECE that a calibrated posterior would show on these windows from sampling noise alone "
+                 "(the coverage resampled by trajectory); an ECE near it is consistent with calibration. SBC "
                  "p-value: uniformity of ranks (small: miscalibrated). TARP ATC: below 0 over-confident, above 0 "
                  "under-confident. C2ST AUC against the reference: 0.5 when indistinguishable.</p>"]
     sections += ["<h2>Coverage</h2>",
