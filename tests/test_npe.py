@@ -9,7 +9,7 @@ import torch
 
 import sbida
 from sbida.estimators import NPE, Estimator, load
-from sbida.estimators.npe import SpectralScale
+from sbida.estimators.npe import EigenPower, SpectralScale
 from sbida.nn import IsotropicStudentT
 from sbida.posterior import DistributionPosterior
 
@@ -253,6 +253,48 @@ class _BaseScaled(sbida.data.WindowDataset):
         index = torch.as_tensor(index)
         _, y, m, t = super().get(index)
         return self.moved[index].reshape(len(index), *self.states.shape[2:]), y, m, t
+
+
+class _Powered(sbida.data.WindowDataset):
+    """The windows of a dataset with every true state replaced by one draw of ``est``'s posterior with the power
+    ``gamma`` on its local covariance: truths for which that posterior is calibrated by construction (drawn once, at
+    construction)."""
+
+    def __init__(self, data, est, gamma):
+        super().__init__(data.states, data.y, data.mask, data.times, window=data.window, stride=data.stride,
+                         trajectory_ids=data.trajectory_ids, config=data.config, meta=data.meta)
+        _, y, m, t = super().get(torch.arange(len(data)))
+        old, est.hparams["power"] = est.hparams["power"], gamma
+        try:
+            gen = torch.Generator().manual_seed(5)
+            draws = [est.posterior(y[i:i + 256], m[i:i + 256], t[i:i + 256]).sample(1, generator=gen)[0]
+                     for i in range(0, len(data), 256)]
+        finally:
+            est.hparams["power"] = old
+        self.moved = torch.cat(draws).double()
+
+    def get(self, index):
+        index = torch.as_tensor(index)
+        _, y, m, t = super().get(index)
+        return self.moved[index].reshape(len(index), *self.states.shape[2:]), y, m, t
+
+
+@pytest.mark.slow
+def test_fit_power_recovers_the_power_of_the_truths(lg):
+    """Truths drawn from the NPE's own posterior with a power 1.15 on its local covariance: ``fit_power`` finds it
+    (within a grid step) and lowers both joint ECEs; truths drawn without a power keep 1 (the margin)."""
+    task, _, val, _, est, _ = lg
+    h = dict(est.hparams)
+    try:
+        calibrated = est.fit_power(_Powered(val, est, 1.0), windows=512, samples=128, seed=0)
+        assert calibrated["power"] == 1.0 and est.hparams["power"] == 1.0, calibrated
+        fit = est.fit_power(_Powered(val, est, 1.15), windows=512, samples=128, seed=0)
+        assert fit["power"] in (1.125, 1.15, 1.175) and est.hparams["power"] == fit["power"], fit
+        at = fit["grid"].index(fit["power"])
+        assert fit["score_at_1"] > fit["score"][at] + fit["margin"], fit
+        assert fit["ece"][at] < 0.05 and fit["distance_ece"][at] < 0.05, fit
+    finally:
+        est.hparams.update(h)
 
 
 @pytest.mark.slow
@@ -561,6 +603,106 @@ def test_spectral_map_is_exact_and_changes_the_spread_per_wavenumber(tiny, brief
     with pytest.warns(UserWarning, match="one trajectory"):
         record = est.fit_spectrum(val.subset([0]), windows=16, samples=8)
     assert record["own"] == 0 and torch.equal(est.spectrum_scale, torch.ones(5, dtype=torch.float64))
+
+
+class _LinearMap(torch.distributions.Transform):
+    """``z -> z M^T`` per window (``M`` ``(B, D, D)``): a flow whose Jacobian is known."""
+
+    domain = codomain = torch.distributions.constraints.real_vector
+    bijective = True
+
+    def __init__(self, M):
+        super().__init__()
+        self.M = M
+
+    def _call(self, z):
+        return torch.einsum("bij,...bj->...bi", self.M, z)
+
+    def _inverse(self, x):
+        return torch.linalg.solve(self.M, x.unsqueeze(-1)).squeeze(-1)
+
+
+def test_eigen_power_is_exact_and_keeps_the_volume(tiny, briefly_trained, tmp_path):
+    """:class:`EigenPower` is the linear map ``V diag((lam / gm)^((g - 1) / 2)) V^T`` about its centre: it takes the
+    covariance ``V diag(lam) V^T`` to ``V diag(lam^g gm^(1 - g)) V^T``, has determinant 1, is inverted by the power
+    ``2 - g`` and is the identity at 1; ``NPE._local_shape`` finds ``J J^T`` of a flow with a known Jacobian; with
+    ``power`` the NPE's draws of the same random numbers are mapped by it about the flow's centre and keep their
+    log-density, the point estimate does not move, ``power_fit`` sets it after ``fit`` and it is saved."""
+    gen = torch.Generator().manual_seed(0)
+    B, D, g = 3, 6, 1.4
+    A = torch.randn(B, D, D, generator=gen, dtype=torch.float64)
+    cov = A @ A.mT + 0.1 * torch.eye(D, dtype=torch.float64)
+    lam, V = torch.linalg.eigh(cov)
+    c = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    tr = EigenPower(c, lam, V, g)
+    x = torch.randn(5, B, D, generator=gen, dtype=torch.float64)
+    gm = lam.log().mean(-1, keepdim=True).exp()
+    M = V @ torch.diag_embed((lam / gm) ** ((g - 1) / 2)) @ V.mT
+    assert torch.allclose(tr(x) - c, torch.einsum("bij,nbj->nbi", M, x - c), atol=1e-10)
+    assert torch.allclose(M @ cov @ M.mT, V @ torch.diag_embed(lam**g * gm ** (1 - g)) @ V.mT, atol=1e-8)
+    assert torch.allclose(torch.linalg.slogdet(M)[1], torch.zeros(B, dtype=torch.float64), atol=1e-10)
+    assert torch.equal(tr.log_abs_det_jacobian(x, tr(x)), torch.zeros(5, B, dtype=torch.float64))
+    assert torch.allclose(tr.inv(tr(x)), x, atol=1e-10)
+    assert torch.allclose(EigenPower(c, lam, V, 2 - g)(tr(x)), x, atol=1e-10)
+    assert torch.allclose(EigenPower(c, lam, V, 1.0)(x), x, atol=1e-12)
+    with pytest.raises(ValueError, match="power"):
+        EigenPower(c, lam, V, 0.0)
+    with pytest.raises(ValueError, match="eigenvectors"):
+        EigenPower(c, lam, V[:, :2], g)
+
+    task, train, val = tiny
+    est, (x, y, m, t) = briefly_trained
+    Mz = torch.randn(2, 8, 8, generator=gen) + 3 * torch.eye(8)  # not symmetric: J J^T, not J^T J
+    flow = type("Flow", (), {"base": type("Base", (), {"mean": torch.zeros(2, 8)})(),
+                             "transform": _LinearMap(Mz).inv})()
+    lam8, V8 = est._local_shape(flow, [])
+    assert torch.allclose(V8 @ torch.diag_embed(lam8) @ V8.mT, Mz @ Mz.mT, rtol=1e-4, atol=1e-4)
+
+    plain = est.posterior(y, m, t)
+    centre = est.posterior(y, m, t, uncertainty="none").mean()
+    xa = plain.sample(64, generator=torch.Generator().manual_seed(2))
+    est.hparams["power"] = 1.3
+    try:
+        powered = est.posterior(y, m, t)
+        xb = powered.sample(64, generator=torch.Generator().manual_seed(2))
+        assert torch.allclose(powered.log_prob(xb), plain.log_prob(xa), atol=1e-3)  # volume kept
+        assert torch.allclose(est.posterior(y, m, t, uncertainty="none").mean(), centre)
+        mu, sd = est.x_mean.reshape(-1), est.x_std.reshape(-1)
+        with torch.no_grad():
+            flow, loc, scale = est._parts(est.standardize(x, y, m, t))
+            shaping = est._state_transforms(flow, loc, scale, power=False)
+        lam_w, V_w = est._local_shape(flow, shaping)
+        c_w = loc + scale * est._centre(flow)
+        mapped = EigenPower(c_w.detach(), lam_w, V_w, 1.3)((xa.flatten(2) - mu) / sd)
+        assert torch.allclose(mapped, (xb.flatten(2) - mu) / sd, atol=1e-4)
+        assert not torch.allclose(xa, xb, atol=1e-2)
+        assert torch.allclose(load(est.save(tmp_path / "p.pt")).posterior(y, m, t).log_prob(xb),
+                              powered.log_prob(xb), atol=1e-5)
+        # the training loss does not see the power
+        batch = est.standardize(x, y, m, t)
+        with torch.no_grad():
+            est.hparams["power"] = 1.0
+            plain_loss = float(est.loss(batch))
+            est.hparams["power"] = 1.3
+            assert float(est.loss(batch)) == pytest.approx(plain_loss, abs=1e-6)
+    finally:
+        est.hparams["power"] = 1.0
+
+    fitted = NPE(task, **SMALL, power_fit=True, power_windows=16, power_samples=8, tails_fit=False,
+                 scale_fit=False)
+    fitted.fit(train, val, epochs=1, steps_per_epoch=2, progress=False)
+    record = fitted.power_record
+    assert record["windows"] == 16 and record["samples"] == 8 and len(record["score"]) == len(record["grid"]) == 13
+    assert fitted.hparams["power"] == record["power"] and record["margin"] > 0
+    for bad in ({"power": 0.0}, {"power": float("inf")}, {"power_fit": 1}, {"power_samples": 1}):
+        with pytest.raises(ValueError, match="power"):
+            NPE(task, **SMALL, **bad)
+    with pytest.raises(ValueError, match="grid"):
+        est.fit_power(val, grid=[1.0, -1.0])
+    with pytest.raises(ValueError, match="margin"):
+        est.fit_power(val, margin=-0.1)
+    with pytest.raises(ValueError, match="samples"):
+        est.fit_power(val, samples=1)
 
 
 def test_log_prob_accounts_for_the_standardization(briefly_trained):

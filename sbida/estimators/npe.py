@@ -81,6 +81,22 @@ corrected spread). It is off by default: on ``lorenz96`` K=40 after 10 minutes o
 from 0.906 to 0.998 and the joint ECE by distance from 0.068 to 0.055 (with the tails refitted), but the joint
 highest-density ECE from 0.023 to 0.066 and the held-out NLL up by 0.94 nats per window: matching the mean error power,
 which the hard windows dominate, widens the typical window (``benchmarks/RESULTS.md``).
+
+Shape of the spread. A flow can also be too narrow in the wide directions of each window's posterior and too wide in
+its narrow ones, which the two joint statistics show as errors of opposite sign (the highest-density coverage above
+the diagonal, the distance coverage below it). With ``power`` :math:`\gamma \ne 1` the standardized state's
+departure from the image :math:`\tilde x_c` of the flow's centre is mapped by :class:`EigenPower`,
+:math:`\tilde x \mapsto \tilde x_c + V \operatorname{diag}\big((\lambda / \bar\lambda)^{(\gamma - 1)/2}\big)
+V^\top (\tilde x - \tilde x_c)`, with :math:`V \operatorname{diag}(\lambda) V^\top = J J^\top` the window's local
+covariance (:math:`J` the Jacobian of the map from the base to the standardized state at the base's centre) and
+:math:`\bar\lambda` the geometric mean of its eigenvalues: the eigenvalues become :math:`\lambda^\gamma
+\bar\lambda^{1 - \gamma}`, the volume and so the density's normalization are kept (linear, exact density; the
+Jacobian costs ``D`` backward passes of the flow per batch of windows). :meth:`NPE.fit_power` picks
+:math:`\gamma` on held-out windows by the sum of both joint ECEs, and keeps 1 unless that sum drops by more than its
+noise (:func:`sbida.diagnostics.coverage_noise`); ``power_fit`` does it at the end of
+:meth:`~sbida.estimators.base.Estimator.fit`, after the tails. It is off by default: on ``lorenz96`` K=40 it lowered
+both joint ECEs of two networks to about 0.015 (spread/skill 0.99, energy score a little lower) at :math:`\gamma`
+= 1.05, but raised their held-out NLL by 0.6-0.8 nats per window (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -99,7 +115,7 @@ from zuko.distributions import NormalizingFlow
 from zuko.transforms import ComposedTransform
 
 from ..data import WindowDataset
-from ..diagnostics.coverage import coverage_curve, default_levels
+from ..diagnostics.coverage import coverage_curve, coverage_noise, default_levels, distance_credibility
 from ..diagnostics.scores import spectral_powers, wavenumber_bins
 from ..nn import GridFlow, IsotropicStudentT, WindowEncoder, periodic_conv
 from ..posterior import DistributionPosterior, PointPosterior, _seed_from, fit_student_t
@@ -195,6 +211,54 @@ class SpectralScale(Transform):
         return self.log_det.expand(x.shape[:-1])
 
 
+class EigenPower(Transform):
+    r"""A power on the eigenvalues of a covariance about a centre, keeping the volume: :math:`x \mapsto c + V
+    \operatorname{diag}(f) V^\top (x - c)` for flat states ``x`` ``(..., B, D)``, with
+    :math:`f_j = (\lambda_j / \bar\lambda)^{(\gamma - 1) / 2}` and :math:`\bar\lambda` the geometric mean of the
+    :math:`\lambda_j` of each window.
+
+    A covariance :math:`V \operatorname{diag}(\lambda) V^\top` becomes :math:`V \operatorname{diag}(\lambda^\gamma
+    \bar\lambda^{1 - \gamma}) V^\top`: :math:`\gamma > 1` widens the directions wider than :math:`\bar\lambda`
+    and narrows the others. :math:`\prod_j f_j = 1`, so the log-determinant is 0; the inverse is the map at
+    :math:`2 - \gamma`.
+
+    Args:
+        centre: ``(B, D)`` the fixed point ``c`` of each window.
+        eigenvalues: ``(B, D)`` positive :math:`\lambda`; eigenvectors: ``(B, D, D)`` orthonormal columns ``V``.
+        power: :math:`\gamma > 0`.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, centre: Tensor, eigenvalues: Tensor, eigenvectors: Tensor, power: float, cache_size: int = 0):
+        super().__init__(cache_size=cache_size)
+        if not (power > 0 and math.isfinite(power)):
+            raise ValueError(f"power must be a finite number > 0, got {power}")
+        if eigenvalues.shape != centre.shape or eigenvectors.shape != (*centre.shape, centre.shape[-1]):
+            raise ValueError(f"need centre (B, D), eigenvalues (B, D) and eigenvectors (B, D, D), got "
+                             f"{tuple(centre.shape)}, {tuple(eigenvalues.shape)} and {tuple(eigenvectors.shape)}")
+        log_lam = eigenvalues.double().clamp_min(1e-300).log()
+        log_f = 0.5 * (power - 1) * (log_lam - log_lam.mean(-1, keepdim=True))
+        self.centre, self.vectors, self.power = centre, eigenvectors.to(centre.dtype), power
+        self.factor, self.inverse_factor = log_f.exp().to(centre.dtype), (-log_f).exp().to(centre.dtype)
+
+    def _apply(self, x: Tensor, f: Tensor) -> Tensor:
+        V = self.vectors
+        d = torch.einsum("bij,...bi->...bj", V, x - self.centre) * f  # V^T (x - c), scaled
+        return self.centre + torch.einsum("bij,...bj->...bi", V, d)
+
+    def _call(self, x: Tensor) -> Tensor:
+        return self._apply(x, self.factor)
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self._apply(y, self.inverse_factor)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return x.new_zeros(x.shape[:-1])
+
+
 class NPE(Estimator):
     """Neural posterior estimation with a window encoder and a conditional zuko flow.
 
@@ -217,7 +281,10 @@ class NPE(Estimator):
     per-dimension scales of the base, on ``scale_windows`` validation windows at the end of :meth:`fit`, before the
     tails); ``spectrum_fit`` (run :meth:`fit_spectrum`, the spread per wavenumber of the state's grid, on
     ``spectrum_windows`` validation windows with ``spectrum_samples`` draws each at the end of :meth:`fit`, after the
-    scales and before the tails). The sampling settings (``sampler_hparams``) can change between an interrupted fit
+    scales and before the tails); ``power`` (gamma, a power on the eigenvalues of each window's local
+    covariance that keeps its volume, see the module docstring; 1: none) and ``power_fit`` (run :meth:`fit_power` on
+    ``power_windows`` validation windows with ``power_samples`` draws each at the end of :meth:`fit`, after the
+    tails; off by default). The sampling settings (``sampler_hparams``) can change between an interrupted fit
     and its resumption.
     """
 
@@ -227,11 +294,13 @@ class NPE(Estimator):
         "local": True, "sample_rows": 262144, "inflation": 1.0, "inflation_fit": None, "inflation_windows": 1024,
         "inflation_samples": 256, "tails": None, "tails_fit": True, "tails_windows": 4096, "scale_fit": True,
         "scale_windows": 4096, "spectrum_fit": False, "spectrum_windows": 1024, "spectrum_samples": 64,
+        "power": 1.0, "power_fit": False, "power_windows": 1024, "power_samples": 256,
     }
     # settings of the posterior, not of the network or its training (an interrupted fit resumes with new ones)
     sampler_hparams = frozenset({"sample_rows", "inflation", "inflation_fit", "inflation_windows",
                                  "inflation_samples", "tails", "tails_fit", "tails_windows", "scale_fit",
-                                 "scale_windows", "spectrum_fit", "spectrum_windows", "spectrum_samples"})
+                                 "scale_windows", "spectrum_fit", "spectrum_windows", "spectrum_samples", "power",
+                                 "power_fit", "power_windows", "power_samples"})
 
     def build(self) -> None:
         h = self.hparams
@@ -256,6 +325,12 @@ class NPE(Estimator):
         if not isinstance(h["spectrum_fit"], bool) or int(h["spectrum_windows"]) < 2 or int(h["spectrum_samples"]) < 2:
             raise ValueError(f"spectrum_fit must be true or false, spectrum_windows and spectrum_samples >= 2, got "
                              f"{h['spectrum_fit']!r}, {h['spectrum_windows']} and {h['spectrum_samples']}")
+        if not (float(h["power"]) > 0 and math.isfinite(float(h["power"]))):
+            raise ValueError(f"power must be a finite number > 0, got {h['power']}")
+        if not isinstance(h["power_fit"], bool) or int(h["power_windows"]) < 2 or int(h["power_samples"]) < 2:
+            raise ValueError(f"power_fit must be true or false, power_windows and power_samples >= 2, got "
+                             f"{h['power_fit']!r}, {h['power_windows']} and {h['power_samples']}")
+        self.power_record: dict[str, Any] | None = None
         self.inflation_record: dict[str, Any] | None = None
         self.tails_record: dict[str, Any] | None = None
         self.scale_record: dict[str, Any] | None = None
@@ -330,40 +405,66 @@ class NPE(Estimator):
         return not self._spectrum_identity
 
     def _state_transforms(self, flow: Distribution, loc: Tensor | None, scale: Tensor | None,
-                          centre: Tensor | None = None) -> list[Transform]:
+                          centre: Tensor | None = None, power: bool = True) -> list[Transform]:
         """The maps from the flow's output ``u`` to the standardized state at inflation 1: the head's location and
         scale, then the spread map per wavenumber about the image of the flow's centre (where ``spectrum_scale``
-        is not 1; ``centre``: the flow's centre ``(B, D)`` where the caller has it already)."""
+        is not 1; ``centre``: the flow's centre ``(B, D)`` where the caller has it already), then the power on the
+        eigenvalues of the local covariance (where ``power`` is not 1, unless ``power=False``)."""
         transforms: list[Transform] = [] if loc is None else [AffineTransform(loc, scale, event_dim=1)]
-        if self._spectrum_on():
+        gamma = float(self.hparams["power"]) if power else 1.0
+        if self._spectrum_on() or gamma != 1.0:
             centre = self._centre(flow) if centre is None else centre
             if loc is not None:
                 centre = loc + scale * centre
+        if self._spectrum_on():
             transforms.append(SpectralScale(centre, self.spectrum_scale, self.state_shape))
+        if gamma != 1.0:
+            lam, V = self._local_shape(flow, transforms)
+            transforms.append(EigenPower(centre, lam, V, gamma))
         return transforms
+
+    def _local_shape(self, flow: Distribution, transforms: Sequence[Transform]) -> tuple[Tensor, Tensor]:
+        """Eigenvalues ``(B, D)`` and eigenvectors ``(B, D, D)`` of ``J J^T``, ``J`` the Jacobian of the map from the
+        base (the flow's inverse, then ``transforms``) at the base's centre: the local covariance of each window's
+        posterior in standardized units (the base has unit covariance). ``D`` backward passes."""
+        z0 = flow.base.mean.detach()
+
+        def forward(z: Tensor) -> Tensor:
+            u = flow.transform.inv(z)
+            for tr in transforms:
+                u = tr(u)
+            return u.sum(0)  # windows are independent: the Jacobian of the sum holds every window's
+
+        with torch.enable_grad():
+            J = torch.autograd.functional.jacobian(forward, z0).detach()  # (D_x, B, D_z)
+        J = J.permute(1, 0, 2).double()
+        lam, V = torch.linalg.eigh(J @ J.mT)
+        return lam.clamp_min(1e-12 * lam.max(-1, keepdim=True).values).to(z0.dtype), V.to(z0.dtype)
 
     @staticmethod
     def _centre(flow: Distribution) -> Tensor:
         """``c = f^{-1}(0)`` ``(B, D)``: the flow's image of its base distribution's centre."""
         return flow.transform.inv(flow.base.mean)
 
-    def distribution(self, batch: Batch, unstandardize: bool = False, inflation: float = 1.0) -> Distribution:
+    def distribution(self, batch: Batch, unstandardize: bool = False, inflation: float = 1.0,
+                     power: bool = True) -> Distribution:
         """Conditional distribution of flat states (standardized, or original if ``unstandardize``), batch ``(B,)``,
-        widened by ``inflation`` around the flow's centre (module docstring)."""
+        widened by ``inflation`` around the flow's centre and shaped by the ``power`` hyperparameter (module
+        docstring; ``power=False``: without it, as in training)."""
         flow, loc, scale = self._parts(batch)
         transforms = []
         centre = None
         if inflation != 1.0:
             centre = self._centre(flow)
             transforms.append(AffineTransform(centre * (1.0 - inflation), inflation, event_dim=1))
-        transforms += self._state_transforms(flow, loc, scale, centre)
+        transforms += self._state_transforms(flow, loc, scale, centre, power)
         if unstandardize:
             transforms.append(AffineTransform(self.x_mean.reshape(-1), self.x_std.reshape(-1), event_dim=1))
         return TransformedDistribution(flow, transforms) if transforms else flow
 
     def loss(self, batch: Batch) -> Tensor:
         """Negative log-likelihood of the standardized states, averaged over the batch."""
-        return -self.distribution(batch).log_prob(batch.x.flatten(1)).mean()
+        return -self.distribution(batch, power=False).log_prob(batch.x.flatten(1)).mean()
 
     def make_posterior(self, batch: Batch, uncertainty: str = "flow") -> DistributionPosterior | PointPosterior:
         """The flow's posterior (``uncertainty="flow"``), or its centre as a point estimate (``"none"``): the image
@@ -618,14 +719,101 @@ class NPE(Estimator):
         self.train(was_training)
         return {"tails": nu, "nll": fit["nll"], "nll_gaussian": fit["nll_gaussian"], "windows": len(idx)}
 
+    def fit_power(self, data: WindowDataset, windows: int = 1024, samples: int = 256,
+                  grid: Sequence[float] | Tensor | None = None, margin: float | None = None, seed: int = 0
+                  ) -> dict[str, Any]:
+        r"""Fit the power :math:`\gamma` on the eigenvalues of each window's local covariance (:class:`EigenPower`)
+        on held-out windows and set it (``hparams["power"]``, used by :meth:`posterior`, its samples and its
+        ``log_prob``).
+
+        On ``windows`` windows of ``data`` (not training windows) the posterior without the power (at the current
+        inflation, base scales, spectral scales and tails) is drawn ``samples`` times per window, once; for every
+        :math:`\gamma` of ``grid`` (default 0.9, 0.925, ..., 1.2) the draws are mapped by the power and the truths'
+        density is computed again (a draw's rank by density does not change: the map keeps the volume). The score of
+        :math:`\gamma` is the sum of the two joint ECEs, by highest density and by distance
+        (:func:`sbida.diagnostics.expected_coverage`'s statistics): the power corrects a covariance too narrow in its
+        wide directions and too wide in its narrow ones, which moves the two in opposite directions. The lowest score
+        is kept where it is lower than the score at 1 by more than ``margin`` (default: the noise of that sum on
+        these windows, :func:`sbida.diagnostics.coverage_noise` by trajectory); otherwise :math:`\gamma = 1`.
+
+        Returns:
+            ``{"power", "grid", "ece", "distance_ece", "score", "margin", "nll", "windows", "samples"}``: the
+            chosen power, the grid, the two ECEs and their sum per power, the margin, the truths' mean negative
+            log-likelihood per power (nats per window, standardized units) and the sizes.
+        """
+        idx = self._calibration_windows(data, windows, seed, least=2)
+        if samples < 2:
+            raise ValueError(f"need samples >= 2, got {samples}")
+        grid = torch.tensor([round(0.9 + 0.025 * k, 3) for k in range(13)], dtype=torch.float64) if grid is None \
+            else torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
+        if len(grid) == 0 or not (torch.isfinite(grid) & (grid > 0)).all():
+            raise ValueError(f"grid must hold finite powers > 0, got {grid.tolist()}")
+        if margin is not None and not margin >= 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        full = torch.cat([grid, torch.ones(1, dtype=torch.float64)])  # 1 last: the score without the power
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        chunk = max(1, int(self.hparams["sample_rows"]) // samples)
+        hpd, dist, nll = [], [], []  # (P, b) per chunk
+        for i in range(0, len(idx), chunk):
+            x, y, m, t = (a.to(self.device) for a in data.get(idx[i:i + chunk]))
+            batch = self.standardize(x, y, m, t)
+            with torch.no_grad():
+                flow, loc, scale = self._parts(batch)
+                inflation = float(self.hparams["inflation"])
+                transforms, centre = [], self._centre(flow)
+                if inflation != 1.0:
+                    transforms.append(AffineTransform(centre * (1.0 - inflation), inflation, event_dim=1))
+                shaping = self._state_transforms(flow, loc, scale, centre, power=False)
+            lam, V = self._local_shape(flow, shaping)
+            with torch.no_grad():
+                post = TransformedDistribution(flow, transforms + shaping) if transforms + shaping else flow
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(_seed_from(gen))
+                    draws = post.sample((samples,))  # (S, b, D)
+                lp_draws = post.log_prob(draws)
+                truth = batch.x.flatten(1)
+                c = centre if loc is None else loc + scale * centre
+                rows_h, rows_d, rows_n = [], [], []
+                for g in full.tolist():
+                    lp_true = post.log_prob(EigenPower(c, lam, V, 2.0 - g)(truth)) if g != 1.0 else \
+                        post.log_prob(truth)
+                    rows_h.append((lp_draws > lp_true).double().mean(0))
+                    mapped = EigenPower(c, lam, V, g)(draws) if g != 1.0 else draws
+                    rows_d.append(distance_credibility(mapped, truth).double())
+                    rows_n.append(-lp_true.double())
+            hpd.append(torch.stack(rows_h))
+            dist.append(torch.stack(rows_d))
+            nll.append(torch.stack(rows_n))
+        self.train(was_training)
+        hpd, dist, nll = torch.cat(hpd, 1), torch.cat(dist, 1), torch.cat(nll, 1)
+        levels = default_levels()
+        ece = (coverage_curve(hpd.T, levels) - levels[:, None]).abs().mean(0)
+        ece_d = (coverage_curve(dist.T, levels) - levels[:, None]).abs().mean(0)
+        score = ece + ece_d
+        if margin is None:
+            groups = data.locate(idx)[0]
+            margin = coverage_noise(hpd[-1], groups, levels)[1] + coverage_noise(dist[-1], groups, levels)[1]
+        best = int(score[:-1].argmin())
+        power = float(grid[best]) if float(score[-1] - score[best]) > margin else 1.0
+        if power != 1.0 and len(grid) > 1 and best in (0, len(grid) - 1):
+            warnings.warn(f"the best power is at the edge of the grid ({power:.3g}): widen it", stacklevel=2)
+        self.hparams["power"] = power
+        return {"power": power, "grid": grid.tolist(), "ece": ece[:-1].tolist(), "distance_ece": ece_d[:-1].tolist(),
+                "score": score[:-1].tolist(), "score_at_1": float(score[-1]), "margin": float(margin),
+                "nll": nll[:-1].mean(1).tolist(), "windows": len(idx), "samples": int(samples)}
+
     def after_fit(self, train: WindowDataset, val: WindowDataset | None, seed: int, progress: bool = False) -> None:
         """After :meth:`fit`: :meth:`fit_inflation` on ``val`` when ``inflation_fit`` names a criterion, then
         :meth:`fit_scale` when ``scale_fit`` is set, then :meth:`fit_spectrum` when ``spectrum_fit`` is set, then
-        :meth:`fit_tails` when ``tails_fit`` is set (nothing without ``val``: the training windows' fit is tighter
-        than held-out windows'; a warning for the inflation, none for the others, two of which are on by default).
-        The results are kept in ``inflation_record``, ``scale_record``, ``spectrum_record`` and ``tails_record``, the
-        fitted numbers in ``hparams``, ``base_scale`` and ``spectrum_scale`` (saved with the model)."""
+        :meth:`fit_tails` when ``tails_fit`` is set, then :meth:`fit_power` when ``power_fit`` is set (nothing without
+        ``val``: the training windows' fit is tighter than held-out windows'; a warning for the inflation, none for
+        the others, two of which are on by default). The results are kept in ``inflation_record``, ``scale_record``,
+        ``spectrum_record``, ``tails_record`` and ``power_record``, the fitted numbers in ``hparams``,
+        ``base_scale`` and ``spectrum_scale`` (saved with the model)."""
         self.inflation_record = self.tails_record = self.scale_record = self.spectrum_record = None
+        self.power_record = None
         h = self.hparams
         if h["inflation_fit"] is not None and self._held_out(val, "inflation_fit", f"the inflation stays "
                                                                                     f"{h['inflation']}"):
@@ -640,3 +828,6 @@ class NPE(Estimator):
                                                      samples=int(h["spectrum_samples"]), seed=seed)
         if h["tails_fit"] and held_out:
             self.tails_record = self.fit_tails(val, windows=int(h["tails_windows"]), seed=seed)
+        if h["power_fit"] and held_out:
+            self.power_record = self.fit_power(val, windows=int(h["power_windows"]),
+                                               samples=int(h["power_samples"]), seed=seed)
