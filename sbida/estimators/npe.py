@@ -91,7 +91,7 @@ V^\top (\tilde x - \tilde x_c)`, with :math:`V \operatorname{diag}(\lambda) V^\t
 covariance (:math:`J` the Jacobian of the map from the base to the standardized state at the base's centre) and
 :math:`\bar\lambda` the geometric mean of its eigenvalues: the eigenvalues become :math:`\lambda^\gamma
 \bar\lambda^{1 - \gamma}`, the volume and so the density's normalization are kept (linear, exact density; the
-Jacobian costs ``D`` backward passes of the flow per batch of windows). :meth:`NPE.fit_power` picks
+Jacobian costs one backward pass over ``D`` copies of the batch). :meth:`NPE.fit_power` picks
 :math:`\gamma` on held-out windows by the sum of both joint ECEs, and keeps 1 unless that sum drops by more than its
 noise (:func:`sbida.diagnostics.coverage_noise`); ``power_fit`` does it at the end of
 :meth:`~sbida.estimators.base.Estimator.fit`, after the tails. It is off by default: on ``lorenz96`` K=40 it lowered
@@ -426,18 +426,24 @@ class NPE(Estimator):
     def _local_shape(self, flow: Distribution, transforms: Sequence[Transform]) -> tuple[Tensor, Tensor]:
         """Eigenvalues ``(B, D)`` and eigenvectors ``(B, D, D)`` of ``J J^T``, ``J`` the Jacobian of the map from the
         base (the flow's inverse, then ``transforms``) at the base's centre: the local covariance of each window's
-        posterior in standardized units (the base has unit covariance). ``D`` backward passes."""
+        posterior in standardized units (the base has unit covariance). The base's centre is copied once per output
+        variable ``k`` (as a leading sample dimension, ``sample_rows`` rows at a time) and one backward pass of the
+        sum of the copies' ``k``-th outputs gives all rows of ``J``: one pass over ``D x B`` rows instead of ``D``
+        passes (on ``lorenz96`` K=40, 5 ms for one window against 77 ms)."""
         z0 = flow.base.mean.detach()
-
-        def forward(z: Tensor) -> Tensor:
-            u = flow.transform.inv(z)
-            for tr in transforms:
-                u = tr(u)
-            return u.sum(0)  # windows are independent: the Jacobian of the sum holds every window's
-
+        B, D = z0.shape
+        step = max(1, self._rows() // B)  # output variables per pass
+        rows = []
         with torch.enable_grad():
-            J = torch.autograd.functional.jacobian(forward, z0).detach()  # (D_x, B, D_z)
-        J = J.permute(1, 0, 2).double()
+            for k in range(0, D, step):
+                n = min(step, D - k)
+                z = z0.unsqueeze(0).expand(n, B, D).clone().requires_grad_(True)
+                u = flow.transform.inv(z)
+                for tr in transforms:
+                    u = tr(u)  # (n, B, D): copy j's output k + j is row k + j of J
+                picked = u[torch.arange(n), :, k + torch.arange(n)]  # (n, B)
+                rows.append(torch.autograd.grad(picked.sum(), z)[0].detach())
+        J = torch.cat(rows).permute(1, 0, 2).double()  # (B, D_x, D_z)
         lam, V = torch.linalg.eigh(J @ J.mT)
         return lam.clamp_min(1e-12 * lam.max(-1, keepdim=True).values).to(z0.dtype), V.to(z0.dtype)
 
