@@ -19,7 +19,10 @@ Point estimates, a second table: the methods with a sample-free point estimate (
 in the evaluation (the faster of two passes), against 4D-Var's analysis and against 4D-Var with its covariance.
 
 A ComposedScore trained in composed mode has a second row, ``LABEL-gaussian``: its Gaussian heads composed in
-closed form with their fitted calibration (``posterior(..., mode="gaussian")``), from the same training.
+closed form with their fitted calibration (``posterior(..., mode="gaussian")``), from the same training. An NPE
+without its opt-in power (``power_fit`` off) on states of up to ``POWER_ROW_MAX`` values has a second row,
+``LABEL-power``: a copy with the power on its local covariance fitted on the validation windows
+(:meth:`sbida.estimators.NPE.fit_power`), from the same training.
 
 References for C2ST: the exact Kalman posterior on ``linear-gaussian``; the tempered SMC reference of
 ``benchmarks/reference.py`` (cached in ``--reference-cache``) on ``lorenz96`` with K=8.
@@ -39,6 +42,7 @@ whose class refuses the task) is skipped with the reason its class gives.
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import math
@@ -82,7 +86,11 @@ CODA_QUICK = {"epochs": 1, "steps_per_epoch": 300, "batch_size": 16}
 ESTIMATOR_SHORT = {"quick": {"nre": {"smc_moves": 10},
                              "composed": {"residual_weight_windows": 32, "residual_weight_samples": 16}},
                    "smoke": {"nre": {"smc_moves": 2},
-                             "composed": {"residual_weight_windows": 4, "residual_weight_samples": 4}}}
+                             "composed": {"residual_weight_windows": 4, "residual_weight_samples": 4},
+                             "npe": {"power_windows": 16, "power_samples": 8}}}
+# NPE's row with the power fitted: only up to this state size (its Jacobian costs a pass over D copies of the batch and
+# an eigendecomposition of a D x D matrix per window: minutes per 1000 windows at 2 x 32 x 32 on a CPU)
+POWER_ROW_MAX = 256
 DATA = {"quick": {"lorenz96": {"n_trajectories": 128, "n_states": 256},
                   "linear-gaussian": {"n_trajectories": 512, "n_states": 64},
                   "kolmogorov": {"n_trajectories": 48, "n_states": 96}},
@@ -265,6 +273,24 @@ class PosteriorMode:
         return self.estimator.posterior(y, mask, t, mode=self.mode, **kwargs)
 
 
+class PosteriorOf:
+    """Another estimator's posterior as a row of the table (``posterior(y, mask, t)`` only: no point estimate)."""
+
+    def __init__(self, estimator):
+        self.estimator = estimator
+
+    def posterior(self, y, mask, t):
+        return self.estimator.posterior(y, mask, t)
+
+
+def _npe_without_power(method) -> bool:
+    """An NPE of at most ``POWER_ROW_MAX`` values whose posterior has no fitted power (``power_fit`` off, power 1)."""
+    from sbida.estimators import NPE
+
+    return (isinstance(method, NPE) and not method.hparams["power_fit"] and float(method.hparams["power"]) == 1.0
+            and method.event_size <= POWER_ROW_MAX)
+
+
 def _has_gaussian_mode(method) -> bool:
     """A ComposedScore trained in composed mode whose default posterior is not already its closed form."""
     from sbida.estimators import ComposedScore
@@ -364,11 +390,21 @@ def run_benchmark(task: str, out: str | Path, mode: str = "full", estimators: li
         run.log(f"{name}: skipped ({why})")
     wall = time.perf_counter()
     methods, seconds = run.methods()
-    for label, method in list(methods.items()):  # ComposedScore's closed form too: one more row, no more training
-        if _has_gaussian_mode(method):
+    _, val, test = run.splits()
+    for label, method in list(methods.items()):  # one more row, no more training:
+        if _has_gaussian_mode(method):  # ComposedScore's closed form
             methods[f"{label}-gaussian"] = PosteriorMode(method, "gaussian")
             seconds[f"{label}-gaussian"] = seconds.get(label)
-    _, _, test = run.splits()
+        if _npe_without_power(method) and len(val) > 1:  # NPE with the power on its local covariance fitted
+            start = time.perf_counter()
+            powered = copy.deepcopy(method)
+            h = powered.hparams
+            rec = powered.fit_power(val, windows=int(h["power_windows"]), samples=int(h["power_samples"]), seed=seed)
+            run.log(f"{label}-power: power {rec['power']:.4g} on its local covariance, fitted on {rec['windows']} "
+                    f"validation windows x {rec['samples']} draws (both joint ECEs {rec['score_at_1']:.3f} at 1, "
+                    f"{min(rec['score']):.3f} at best; margin {rec['margin']:.3f})")
+            methods[f"{label}-power"] = PosteriorOf(powered)
+            seconds[f"{label}-power"] = (seconds.get(label) or 0.0) + time.perf_counter() - start
     ev = cfg.evaluation
     N = len(test)
     g = torch.Generator().manual_seed(seed)

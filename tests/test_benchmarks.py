@@ -28,7 +28,7 @@ def test_smoke_run_on_linear_gaussian(tmp_path):
     rec = bench.run_benchmark("linear-gaussian", tmp_path, "smoke", estimators=["npe"], baselines=["oi", "fourdvar"],
                               task_overrides={"simulator": {"K": 8}}, progress=False, echo=False)
     rows = {r["method"]: r for r in rec["rows"]}
-    assert set(rows) == {"npe", "oi", "fourdvar"}
+    assert set(rows) == {"npe", "npe-power", "oi", "fourdvar"}  # NPE with its power fitted: a row of its own
     assert rec["reference"].startswith("exact")
     for r in rows.values():
         assert math.isfinite(r["rmse"]) and r["rmse"] > 0 and math.isfinite(r["nrmse"]) and r["nrmse"] > 0
@@ -46,7 +46,8 @@ def test_smoke_run_on_linear_gaussian(tmp_path):
     assert (tmp_path / "report.html").stat().st_size > 0
     assert json.loads((tmp_path / "benchmark.json").read_text())["rows"] == rec["rows"]
     table = bench.format_table(rec["rows"])
-    assert len(table.splitlines()) == 4 and "C2ST" in table and "x4DVar" in table and "ECE-d" in table
+    assert rows["npe-power"]["training_seconds"] > rows["npe"]["training_seconds"]  # the power's fit added
+    assert len(table.splitlines()) == 5 and all(h in table for h in ("noise", "C2ST", "x4DVar", "ECE-d"))
     # the point-estimate table: NPE's flow centre and 4D-Var's analysis alone, the mean of its Gaussian posterior (the
     # main table's RMSE is that of the mean of 32 samples of it: within a few per cent)
     points = {r["method"]: r for r in rec["point_rows"]}

@@ -445,3 +445,7 @@ def test_coverage_noise_rejects_bad_input():
         dg.coverage_noise(torch.rand(10), n_boot=1)
     res = dg.expected_coverage(torch.randn(50, 20, 3), torch.randn(20, 3), groups=torch.arange(20) // 4)
     assert res.ece_noise > 0 and res.distance_ece_noise == res.ece_noise
+    # one trajectory tells nothing of the spread between trajectories
+    se, noise = dg.coverage_noise(torch.rand(10), torch.zeros(10))
+    assert math.isnan(noise) and torch.isnan(se).all()
+    assert dg.expected_coverage(torch.randn(50, 20, 3), torch.randn(20, 3), groups=torch.zeros(20)).ece_noise is None

@@ -73,7 +73,7 @@ class CoverageResult:
         distance_ece: ECE of ``distance``.
         ece_noise: the ECE that sampling noise alone gives a calibrated posterior on these windows
             (:func:`coverage_noise`, by trajectory where the trajectories were given), for the curve ``coverage``;
-            an ``ece`` near it is consistent with calibration.
+            an ``ece`` near it is consistent with calibration. ``None`` for windows of a single trajectory.
         distance_ece_noise: the same for ``distance``.
     """
 
@@ -101,7 +101,7 @@ class CoverageResult:
         levels = _checked_levels(levels)
         cov = coverage_curve(credibility, levels)
         gap = (cov - levels).abs()
-        noise = coverage_noise(credibility, groups, levels)[1]
+        noise = _known(coverage_noise(credibility, groups, levels)[1])
         marginal = marginal_ece = distance = distance_ece = distance_noise = None
         if marginal_credibility is not None:
             marginal = coverage_curve(marginal_credibility, levels).mean(-1)
@@ -111,7 +111,7 @@ class CoverageResult:
         elif distance_credibility is not None:
             distance = coverage_curve(distance_credibility, levels)
             distance_ece = float((distance - levels).abs().mean())
-            distance_noise = coverage_noise(distance_credibility, groups, levels)[1]
+            distance_noise = _known(coverage_noise(distance_credibility, groups, levels)[1])
         return cls(levels, cov, float(gap.mean()), float(gap.max()), method, int(credibility.shape[0]), marginal,
                    marginal_ece, distance, distance_ece, noise, distance_noise)
 
@@ -157,6 +157,10 @@ def coverage_curve(credibility: Tensor, levels: Tensor | None = None) -> Tensor:
     return (c.unsqueeze(0) < levels.view(-1, *([1] * c.dim()))).double().mean(1)
 
 
+def _known(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
 def coverage_noise(credibility: Tensor, groups: Tensor | None = None, levels: Tensor | None = None,
                    n_boot: int = 500, seed: int = 0) -> tuple[Tensor, float]:
     r"""Sampling noise of a coverage curve and the ECE that this noise alone gives a calibrated posterior.
@@ -178,7 +182,8 @@ def coverage_noise(credibility: Tensor, groups: Tensor | None = None, levels: Te
         seed: seed of the resampling.
 
     Returns:
-        ``(se, ece_noise)``: the standard errors ``(L,)`` (float64) and :math:`\sqrt{2/\pi}` times their mean.
+        ``(se, ece_noise)``: the standard errors ``(L,)`` (float64) and :math:`\sqrt{2/\pi}` times their mean; NaN
+        where all windows come from one group (one trajectory tells nothing of the spread between trajectories).
     """
     levels = _checked_levels(levels)
     c = torch.as_tensor(credibility).to(torch.float64)
@@ -194,6 +199,8 @@ def coverage_noise(credibility: Tensor, groups: Tensor | None = None, levels: Te
             raise ValueError(f"groups must have the shape of credibility {tuple(c.shape)}, got {tuple(groups.shape)}")
         label = torch.unique(groups, return_inverse=True)[1]
     G = int(label.max()) + 1
+    if G < 2:
+        return torch.full_like(levels, math.nan), math.nan
     hits = (c.unsqueeze(1) < levels).double()  # (B, L)
     per_group = torch.zeros(G, len(levels), dtype=torch.float64).index_add_(0, label, hits)
     size = torch.bincount(label, minlength=G).double()

@@ -740,7 +740,8 @@ class NPE(Estimator):
         (:func:`sbida.diagnostics.expected_coverage`'s statistics): the power corrects a covariance too narrow in its
         wide directions and too wide in its narrow ones, which moves the two in opposite directions. The lowest score
         is kept where it is lower than the score at 1 by more than ``margin`` (default: the noise of that sum on
-        these windows, :func:`sbida.diagnostics.coverage_noise` by trajectory); otherwise :math:`\gamma = 1`.
+        these windows, :func:`sbida.diagnostics.coverage_noise` by trajectory, unknown and so never exceeded for the
+        windows of one trajectory); otherwise :math:`\gamma = 1`.
 
         Returns:
             ``{"power", "grid", "ece", "distance_ece", "score", "margin", "nll", "windows", "samples"}``: the
