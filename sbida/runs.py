@@ -495,11 +495,13 @@ class Run:
 
         metrics = json.loads(self.path("metrics.json").read_text())
         cols = [("rmse", "RMSE", "{:.3f}"), ("crps", "CRPS", "{:.3f}"), ("spread_skill", "spread/skill", "{:.2f}"),
-                ("coverage_ece", "ECE", "{:.3f}"), ("tarp_atc", "TARP", "{:+.3f}")]
+                ("coverage_ece", "ECE", "{:.3f}"), ("coverage_ece_noise", "ECE of noise", "{:.3f}"),
+                ("tarp_atc", "TARP", "{:+.3f}")]
         lines = [f"{'method':16s}" + "".join(f"{h:>14s}" for _, h, _ in cols)]
         for label, m in metrics["methods"].items():
             r = EvaluationResult.from_dict(m).metrics()
-            lines.append(f"{label:16s}" + "".join(f"{f.format(r[k]):>14s}" for k, _, f in cols))
+            lines.append(f"{label:16s}" + "".join(f"{'-' if r[k] is None else f.format(r[k]):>14s}"
+                                                  for k, _, f in cols))
         return "\n".join(lines)
 
     def to_dict(self) -> dict:

@@ -104,9 +104,12 @@ def test_report_runs_every_stage_into_the_run_folder(tiny_run, capsys):
 
 
 @pytest.mark.slow
-def test_same_seed_same_metrics_other_seed_others(tiny_run, tmp_path):
+def test_same_seed_same_metrics_other_seed_others(tiny_run, tmp_path, capsys):
     assert main(["evaluate", str(tiny_run / "config.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
     assert _metrics(tmp_path / "again") == _metrics(tiny_run)
+    out = capsys.readouterr().out.splitlines()  # the headline table, with the ECE that noise alone would give
+    at = next(i for i, line in enumerate(out) if line.startswith("method") and "ECE of noise" in line)
+    assert {line.split()[0] for line in out[at + 1:at + 4]} == {"npe", "coda", "oi"}
     assert main(["evaluate", "l96-tiny", "seed=1", "--out", str(tmp_path / "other"), "--quiet"]) == 0
     other = _metrics(tmp_path / "other")
     assert other["seed"] == 1
