@@ -234,20 +234,13 @@ def test_fit_tails_recovers_known_tails(lg):
         est.hparams.update(h)
 
 
-class _BaseScaled(sbida.data.WindowDataset):
-    """The windows of a dataset with every true state moved in the base space of ``est``'s flow, ``z -> f * z``
-    (``f`` ``(D,)``): truths whose images there have the covariance ``diag(f^2)`` times the model's, the flow's own
-    map computed once at construction (the model may change afterwards)."""
+class _MovedTruths(sbida.data.WindowDataset):
+    """The windows of ``data`` with their true states replaced by ``self.moved`` ``(N, D)``, which a subclass computes
+    once at construction (the model may change afterwards)."""
 
-    def __init__(self, data, est, f):
+    def __init__(self, data):
         super().__init__(data.states, data.y, data.mask, data.times, window=data.window, stride=data.stride,
                          trajectory_ids=data.trajectory_ids, config=data.config, meta=data.meta)
-        x, y, m, t = super().get(torch.arange(len(data)))
-        with torch.no_grad():
-            flow, loc, scale = est._parts(est.standardize(x, y, m, t))
-            u = (est.standardize(x, y, m, t).x.flatten(1) - loc) / scale
-            u = flow.transform.inv(f * flow.transform(u))
-            self.moved = (est.x_mean.reshape(-1) + est.x_std.reshape(-1) * (loc + scale * u)).double()
 
     def get(self, index):
         index = torch.as_tensor(index)
@@ -255,15 +248,29 @@ class _BaseScaled(sbida.data.WindowDataset):
         return self.moved[index].reshape(len(index), *self.states.shape[2:]), y, m, t
 
 
-class _Powered(sbida.data.WindowDataset):
+class _BaseScaled(_MovedTruths):
+    """The windows of a dataset with every true state moved in the base space of ``est``'s flow, ``z -> f * z``
+    (``f`` ``(D,)``): truths whose images there have the covariance ``diag(f^2)`` times the model's, the flow's own
+    map computed once at construction (the model may change afterwards)."""
+
+    def __init__(self, data, est, f):
+        super().__init__(data)
+        x, y, m, t = sbida.data.WindowDataset.get(self, torch.arange(len(data)))  # the truths before
+        with torch.no_grad():
+            flow, loc, scale = est._parts(est.standardize(x, y, m, t))
+            u = (est.standardize(x, y, m, t).x.flatten(1) - loc) / scale
+            u = flow.transform.inv(f * flow.transform(u))
+            self.moved = (est.x_mean.reshape(-1) + est.x_std.reshape(-1) * (loc + scale * u)).double()
+
+
+class _Powered(_MovedTruths):
     """The windows of a dataset with every true state replaced by one draw of ``est``'s posterior with the power
     ``gamma`` on its local covariance: truths for which that posterior is calibrated by construction (drawn once, at
     construction)."""
 
     def __init__(self, data, est, gamma):
-        super().__init__(data.states, data.y, data.mask, data.times, window=data.window, stride=data.stride,
-                         trajectory_ids=data.trajectory_ids, config=data.config, meta=data.meta)
-        _, y, m, t = super().get(torch.arange(len(data)))
+        super().__init__(data)
+        _, y, m, t = sbida.data.WindowDataset.get(self, torch.arange(len(data)))  # the truths before
         old, est.hparams["power"] = est.hparams["power"], gamma
         try:
             gen = torch.Generator().manual_seed(5)
@@ -272,11 +279,6 @@ class _Powered(sbida.data.WindowDataset):
         finally:
             est.hparams["power"] = old
         self.moved = torch.cat(draws).double()
-
-    def get(self, index):
-        index = torch.as_tensor(index)
-        _, y, m, t = super().get(index)
-        return self.moved[index].reshape(len(index), *self.states.shape[2:]), y, m, t
 
 
 @pytest.mark.slow
@@ -328,26 +330,20 @@ def test_fit_scale_recovers_known_scales_of_the_base(lg):
         est.base_scale.copy_(before)
 
 
-class _SpectrumScaled(sbida.data.WindowDataset):
+class _SpectrumScaled(_MovedTruths):
     """The windows of a dataset with every true state's departure from ``est``'s centre (its point estimate) scaled
     by ``a[k]`` at wavenumber ``k`` in standardized units (:class:`SpectralScale` about that centre): truths whose
     error spectrum about the posterior is ``a^2`` times the model's, computed once at construction."""
 
     def __init__(self, data, est, a):
-        super().__init__(data.states, data.y, data.mask, data.times, window=data.window, stride=data.stride,
-                         trajectory_ids=data.trajectory_ids, config=data.config, meta=data.meta)
-        x, y, m, t = super().get(torch.arange(len(data)))
+        super().__init__(data)
+        x, y, m, t = sbida.data.WindowDataset.get(self, torch.arange(len(data)))  # the truths before
         with torch.no_grad():
             centre = est.posterior(y, m, t, uncertainty="none").mean().flatten(1)
             mu, sd = est.x_mean.reshape(-1), est.x_std.reshape(-1)
             xs = SpectralScale(((centre - mu) / sd).double(), a.double(), est.state_shape)(
                 ((x.flatten(1) - mu) / sd).double())
             self.moved = mu + sd * xs
-
-    def get(self, index):
-        index = torch.as_tensor(index)
-        _, y, m, t = super().get(index)
-        return self.moved[index].reshape(len(index), *self.states.shape[2:]), y, m, t
 
 
 @pytest.mark.slow
