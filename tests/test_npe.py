@@ -672,6 +672,12 @@ def test_eigen_power_is_exact_and_keeps_the_volume(tiny, briefly_trained, tmp_pa
         mapped = EigenPower(c_w.detach(), lam_w, V_w, 1.3)((xa.flatten(2) - mu) / sd)
         assert torch.allclose(mapped, (xb.flatten(2) - mu) / sd, atol=1e-4)
         assert not torch.allclose(xa, xb, atol=1e-2)
+        est.hparams["inflation"] = 1.5  # both maps linear about the same centre: they commute
+        both = est.posterior(y, m, t)
+        xc = both.sample(64, generator=torch.Generator().manual_seed(2))
+        assert torch.allclose(xc - centre, 1.5 * (xb - centre), atol=1e-4)
+        assert torch.allclose(both.log_prob(xc), powered.log_prob(xb) - 8 * math.log(1.5), atol=1e-3)
+        est.hparams["inflation"] = 1.0
         assert torch.allclose(load(est.save(tmp_path / "p.pt")).posterior(y, m, t).log_prob(xb),
                               powered.log_prob(xb), atol=1e-5)
         # the training loss does not see the power
@@ -682,7 +688,7 @@ def test_eigen_power_is_exact_and_keeps_the_volume(tiny, briefly_trained, tmp_pa
             est.hparams["power"] = 1.3
             assert float(est.loss(batch)) == pytest.approx(plain_loss, abs=1e-6)
     finally:
-        est.hparams["power"] = 1.0
+        est.hparams.update(power=1.0, inflation=1.0)
 
     fitted = NPE(task, **SMALL, power_fit=True, power_windows=16, power_samples=8, tails_fit=False,
                  scale_fit=False)

@@ -767,21 +767,19 @@ class NPE(Estimator):
             x, y, m, t = (a.to(self.device) for a in data.get(idx[i:i + chunk]))
             batch = self.standardize(x, y, m, t)
             with torch.no_grad():
-                flow, loc, scale = self._parts(batch)
-                inflation = float(self.hparams["inflation"])
-                transforms, centre = [], self._centre(flow)
-                if inflation != 1.0:
-                    transforms.append(AffineTransform(centre * (1.0 - inflation), inflation, event_dim=1))
-                shaping = self._state_transforms(flow, loc, scale, centre, power=False)
-            lam, V = self._local_shape(flow, shaping)
+                post = self.distribution(batch, inflation=float(self.hparams["inflation"]), power=False)
+                flow, maps = (post.base_dist, list(post.transforms)) if isinstance(post, TransformedDistribution) \
+                    else (post, [])
+                c = self._centre(flow)  # its image: the centre of the power's map (the inflation keeps it)
+                for tr in maps:
+                    c = tr(c)
+            lam, V = self._local_shape(flow, maps)  # the inflation, a factor on J, leaves the map as it is
             with torch.no_grad():
-                post = TransformedDistribution(flow, transforms + shaping) if transforms + shaping else flow
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(_seed_from(gen))
                     draws = post.sample((samples,))  # (S, b, D)
                 lp_draws = post.log_prob(draws)
                 truth = batch.x.flatten(1)
-                c = centre if loc is None else loc + scale * centre
                 rows_h, rows_d, rows_n = [], [], []
                 for g in full.tolist():
                     lp_true = post.log_prob(EigenPower(c, lam, V, 2.0 - g)(truth)) if g != 1.0 else \
