@@ -171,7 +171,9 @@ def coverage_noise(credibility: Tensor, groups: Tensor | None = None, levels: Te
     :math:`\sigma_\alpha` of the coverage at each level. A calibrated posterior's curve then misses the diagonal by
     about :math:`|\mathcal N(0, \sigma_\alpha^2)|` at each level, so its expected ECE is
     :math:`\sqrt{2/\pi}\,\overline{\sigma_\alpha}`: an ECE near that figure is what calibration looks like on
-    these windows, and one of several times it is not.
+    these windows, and one of several times it is not. The errors are estimated from the credibilities at hand,
+    which is close to the calibrated case for a posterior near calibration; for a far-off one whose curve is flat (every
+    truth outside every region) they are 0.
 
     Args:
         credibility: ``(B,)`` credibilities in ``[0, 1]`` (e.g. :func:`hpd_credibility`).
