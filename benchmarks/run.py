@@ -263,24 +263,17 @@ def _time_one_window(method, test, index: int, n: int = 1000, seed: int = 0) -> 
 
 
 class PosteriorMode:
-    """An estimator's posterior in another of its modes, as a method of its own (a row of the table):
-    ``posterior(y, mask, t)`` is ``estimator.posterior(y, mask, t, mode=mode)``."""
+    """An estimator's posterior (in another of its modes) as a method of its own, a row of the table:
+    ``posterior(y, mask, t)`` is ``estimator.posterior(y, mask, t, mode=mode)`` (without ``mode`` where it is
+    ``None``); it has no point estimate of its own (:func:`has_point_mode`)."""
 
-    def __init__(self, estimator, mode: str):
+    def __init__(self, estimator, mode: str | None = None):
         self.estimator, self.mode = estimator, mode
 
     def posterior(self, y, mask, t, **kwargs):
-        return self.estimator.posterior(y, mask, t, mode=self.mode, **kwargs)
-
-
-class PosteriorOf:
-    """Another estimator's posterior as a row of the table (``posterior(y, mask, t)`` only: no point estimate)."""
-
-    def __init__(self, estimator):
-        self.estimator = estimator
-
-    def posterior(self, y, mask, t):
-        return self.estimator.posterior(y, mask, t)
+        if self.mode is not None:
+            kwargs["mode"] = self.mode
+        return self.estimator.posterior(y, mask, t, **kwargs)
 
 
 def _npe_without_power(method) -> bool:
@@ -403,7 +396,7 @@ def run_benchmark(task: str, out: str | Path, mode: str = "full", estimators: li
             run.log(f"{label}-power: power {rec['power']:.4g} on its local covariance, fitted on {rec['windows']} "
                     f"validation windows x {rec['samples']} draws (both joint ECEs {rec['score_at_1']:.3f} at 1, "
                     f"{min(rec['score']):.3f} at best; margin {rec['margin']:.3f})")
-            methods[f"{label}-power"] = PosteriorOf(powered)
+            methods[f"{label}-power"] = PosteriorMode(powered)
             seconds[f"{label}-power"] = (seconds.get(label) or 0.0) + time.perf_counter() - start
     ev = cfg.evaluation
     N = len(test)

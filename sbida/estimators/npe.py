@@ -241,7 +241,7 @@ class EigenPower(Transform):
                              f"{tuple(centre.shape)}, {tuple(eigenvalues.shape)} and {tuple(eigenvectors.shape)}")
         log_lam = eigenvalues.double().clamp_min(1e-300).log()
         log_f = 0.5 * (power - 1) * (log_lam - log_lam.mean(-1, keepdim=True))
-        self.centre, self.vectors, self.power = centre, eigenvectors.to(centre.dtype), power
+        self.centre, self.vectors = centre, eigenvectors.to(centre.dtype)
         self.factor, self.inverse_factor = log_f.exp().to(centre.dtype), (-log_f).exp().to(centre.dtype)
 
     def _apply(self, x: Tensor, f: Tensor) -> Tensor:
