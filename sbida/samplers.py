@@ -197,8 +197,8 @@ class SMCResult(NamedTuple):
     ess: Tensor  # (B,) smallest ESS of the incremental weights over the temperatures (a count of particles)
     acceptance: Tensor  # (B,) mean MALA acceptance over all moves
     # with record=True, per temperature (b_0 = 0 first): b (B,), log Z_b (B,), and log l and log p of the particles
-    # (N, B) after their moves at b
-    path: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
+    # (N, B) after their moves at b (and, with record_state, the mapped particles (N, B, D'))
+    path: list[tuple[Tensor, ...]] | None = None
 
 
 def systematic_resample(log_w: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -219,7 +219,8 @@ def effective_sample_size(log_w: Tensor) -> Tensor:
 def smc(log_prior_and_likelihood: Callable[[Tensor], tuple[Tensor, Tensor]], v0: Tensor, moves: int = 10,
         ess_fraction: float = 0.5, target_acceptance: float = 0.5, max_temperatures: int = 500,
         generator: torch.Generator | None = None, progress: bool = False, dense: bool | None = None,
-        record: bool = False, record_log_prior: Callable[[Tensor], Tensor] | None = None) -> SMCResult:
+        record: bool = False, record_log_prior: Callable[[Tensor], Tensor] | None = None,
+        record_state: Callable[[Tensor], Tensor] | None = None) -> SMCResult:
     r"""Likelihood-tempered SMC over ``B`` independent targets of ``N`` particles each (see the module).
 
     Targets :math:`\pi_b(v) \propto p(v)\, \ell(v)^b` for :math:`0 = b_0 < b_1 < \dots < b_K = 1`; each step picks
@@ -247,6 +248,9 @@ def smc(log_prior_and_likelihood: Callable[[Tensor], tuple[Tensor, Tensor]], v0:
         record_log_prior: ``v (N, B, D) -> (N, B)``: the log prior density the path records instead of ``log p``
             (called without gradients, once per temperature), e.g. the density of the original variables where SMC
             runs over a reparametrization ``v`` of them (the prior's log-Jacobian added back).
+        record_state: ``v (N, B, D) -> (N, B, D')``: with ``record``, the path also keeps the particles through this
+            map after their moves at each temperature (a fifth element of each entry), e.g. the original variables
+            where SMC runs over a reparametrization; the distance statistics of the tempered targets need them.
 
     Returns:
         An :class:`SMCResult`.
@@ -285,7 +289,14 @@ def smc(log_prior_and_likelihood: Callable[[Tensor], tuple[Tensor, Tensor]], v0:
         with torch.no_grad():
             return record_log_prior(v.detach()).to(lp.dtype)
 
-    path = [(b.clone(), log_z.clone(), ll.clone(), recorded(v, lp))] if record else None
+    def entry(v: Tensor, lp: Tensor) -> tuple[Tensor, ...]:
+        kept = (b.clone(), log_z.clone(), ll.clone(), recorded(v, lp))
+        if record_state is None:
+            return kept
+        with torch.no_grad():
+            return (*kept, record_state(v.detach()))
+
+    path = [entry(v, lp)] if record else None
 
     while bool((b < 1).any()):
         if int(n_temp.max()) >= max_temperatures:
@@ -322,7 +333,7 @@ def smc(log_prior_and_likelihood: Callable[[Tensor], tuple[Tensor, Tensor]], v0:
             log_h = log_h + (rate - target_acceptance)
             acc_sum, n_moves = acc_sum + rate, n_moves + 1
         if path is not None:
-            path.append((b.clone(), log_z.clone(), ll.clone(), recorded(v, lp)))
+            path.append(entry(v, lp))
         bar.update(int(100 * float(b.min())) - bar.n)
     bar.close()
     return SMCResult(v, log_z, n_temp, min_ess, acc_sum / max(n_moves, 1), path)
@@ -331,7 +342,8 @@ def smc(log_prior_and_likelihood: Callable[[Tensor], tuple[Tensor, Tensor]], v0:
 def path_at(path: list[tuple[Tensor, ...]], tau: Tensor) -> tuple[Tensor, ...]:
     """The state of a recorded :func:`smc` path at the last temperature :math:`b_k \\le \\tau` of each target, for
     every temperature of ``tau`` ``(S,)`` in ``[0, 1]``: ``b_k``, ``log Z(b_k)`` ``(S, B)`` and the particles' log
-    likelihoods and log prior densities ``(S, N, B)`` there."""
+    likelihoods and log prior densities ``(S, N, B)`` there (and their recorded states ``(S, N, B, D')`` where the
+    path has them, ``smc(..., record_state=...)``)."""
     if not path:
         raise ValueError("path is empty: run smc(..., record=True)")
     tau = torch.as_tensor(tau, dtype=path[0][0].dtype, device=path[0][0].device).reshape(-1)
@@ -340,9 +352,13 @@ def path_at(path: list[tuple[Tensor, ...]], tau: Tensor) -> tuple[Tensor, ...]:
     b = torch.stack([p[0] for p in path])  # (K, B), non-decreasing down the path
     k = (b[None] <= tau[:, None, None]).sum(1) - 1  # (S, B): the last temperature at or below tau
     pick = k[:, None, :].expand(-1, path[0][2].shape[0], -1)
-    return (torch.gather(b, 0, k), torch.gather(torch.stack([p[1] for p in path]), 0, k),
-            torch.gather(torch.stack([p[2] for p in path]), 0, pick),
-            torch.gather(torch.stack([p[3] for p in path]), 0, pick))
+    out = (torch.gather(b, 0, k), torch.gather(torch.stack([p[1] for p in path]), 0, k),
+           torch.gather(torch.stack([p[2] for p in path]), 0, pick),
+           torch.gather(torch.stack([p[3] for p in path]), 0, pick))
+    if len(path[0]) < 5:
+        return out
+    states = torch.stack([p[4] for p in path])  # (K, N, B, D')
+    return (*out, torch.gather(states, 0, pick[..., None].expand(-1, -1, -1, states.shape[-1])))
 
 
 def tempered_log_evidence(path: list[tuple[Tensor, ...]], tau: Tensor) -> Tensor:
@@ -359,7 +375,7 @@ def tempered_log_evidence(path: list[tuple[Tensor, ...]], tau: Tensor) -> Tensor
     Returns:
         ``(S, B)`` log-evidences (relative to the constants of ``p`` and ``l``).
     """
-    bk, zk, llk, _ = path_at(path, tau)
+    bk, zk, llk = path_at(path, tau)[:3]
     tau = torch.as_tensor(tau, dtype=bk.dtype, device=bk.device).reshape(-1)
     step = (tau[:, None] - bk)[:, None, :]
     log_w = torch.where(step > 0, step * llk, torch.zeros_like(llk))

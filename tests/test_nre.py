@@ -11,7 +11,8 @@ from sbida.estimators import NRE, Estimator, load
 from sbida.estimators.nre import _empirical_metric, _hessian, _mala, _resample, _sample_windows
 from sbida.posterior import SamplerPosterior
 
-SMALL = {"channels": 8, "depth": 1, "emb_features": 8, "ratio_channels": 8, "steps": 4}
+SMALL = {"channels": 8, "depth": 1, "emb_features": 8, "ratio_channels": 8, "steps": 4,
+         "ref_transforms": 2}  # a small reference flow (the SMC tests rely on its randomized log-Jacobian)
 
 
 @pytest.fixture(scope="module")
@@ -332,6 +333,8 @@ def test_temperature_fit_after_fit_sets_and_saves_the_temperature(tiny, tmp_path
     est.fit(train, val, epochs=1, steps_per_epoch=2, batch_size=32, progress=False, seed=3)
     record = est.temperature_record
     assert record["criterion"] == "coverage" and record["windows"] == 6 and len(record["score"]) == 40
+    by = record["score_by_statistic"]  # the score is the sum of both joint statistics' ECEs
+    assert set(by) == {"hpd", "distance"} and record["score"] == pytest.approx([a + b for a, b in zip(*by.values())])
     assert est.hparams["ratio_temperature"] == record["temperature"]
     again = est.fit_temperature(val, windows=6, max_temperature=2.0, seed=3)
     assert again["temperature"] == record["temperature"] and again["score"] == pytest.approx(record["score"])
@@ -364,6 +367,10 @@ def test_bad_input_is_a_clear_error(tiny, rejects_bad_windows):
         NRE(task, loss="cnre")
     with pytest.raises(ValueError, match="unknown hyperparameters"):
         NRE(task, ratio_chanels=8)
+    with pytest.raises(ValueError, match="transforms"):
+        NRE(task, **{**SMALL, "ref_transforms": [3, 0]})
+    per_level = NRE(task, **{**SMALL, "ref_transforms": [3, 1]})  # couplings per level of the reference's flow
+    assert len(per_level.flow.couplings) == len(NRE(task, **{**SMALL, "ref_transforms": 1}).flow.couplings) + 2
 
 
 def test_config_file_matches_the_code():
@@ -437,9 +444,12 @@ def test_flow_reference_is_calibrated_on_linear_gaussian():
 
 def test_temperature_scores_find_the_temperature_of_an_overconfident_gaussian_ratio():
     """Truths from the exact posterior of prior N(0, I) and a Gaussian likelihood; the "ratio" is twice the true
-    log-likelihood (an overconfident classifier). From one SMC path up to that ratio, the likelihood and the coverage
-    of the truths both pick a temperature near 1/2, and both score the untempered ratio badly."""
-    from sbida.estimators.nre import _temperature_score, _temperature_scores
+    log-likelihood (an overconfident classifier). From one SMC path up to that ratio, the likelihood, the
+    highest-density coverage and both joint coverages of the truths all pick a temperature near 1/2, and the coverages
+    score the untempered ratio badly. The distance credibility at the path's last temperature is that of its final
+    particles."""
+    from sbida.diagnostics.coverage import distance_credibility
+    from sbida.estimators.nre import _temperature_score, _temperature_scores, _tempered_distance_credibility
     from sbida.samplers import smc
 
     g = torch.Generator().manual_seed(0)
@@ -453,12 +463,19 @@ def test_temperature_scores_find_the_temperature_of_an_overconfident_gaussian_ra
         return -0.5 * v.pow(2).sum(-1), 2 * (-0.5 * torch.einsum("...bi,ij,...bj->...b", d, P, d))
 
     res = smc(log_p_and_f, torch.randn(N, B, D, generator=g, dtype=torch.float64), moves=10, generator=g,
-              record=True)
+              record=True, record_state=torch.clone)
     lp_true, f_true = log_p_and_f(x[None])
     s = torch.linspace(0.05, 1.0, 20, dtype=torch.float64)
-    for criterion, tol in (("nll", 0.06), ("coverage", 0.16)):
-        score = _temperature_score(_temperature_scores(res.path, s, lp_true[0], f_true[0], criterion), criterion)
+    for criterion, tol in (("nll", 0.06), ("hpd", 0.16), ("coverage", 0.16)):
+        per = _temperature_scores(res.path, s, lp_true[0], f_true[0], criterion, x, torch.Generator().manual_seed(1))
+        assert per.shape == (2 if criterion == "coverage" else 1, len(s), B)
+        score = _temperature_score(per, criterion)
         best = float(s[int(score.argmin())])
         assert abs(best - 0.5) <= tol, (criterion, best, score)
-    cover = _temperature_score(_temperature_scores(res.path, s, lp_true[0], f_true[0], "coverage"), "coverage")
-    assert cover[-1] > 0.1 and cover[9] < 0.05, cover  # the ratio at 1: overconfident; at 1/2: calibrated
+        if criterion != "nll":  # the ratio at 1: overconfident; at 1/2: calibrated
+            assert score[-1] > 0.1 * len(per) and score[9] < 0.05 * len(per), (criterion, score)
+    at_end = _tempered_distance_credibility(res.path, torch.ones(1, dtype=torch.float64), x)
+    assert torch.equal(at_end[0], distance_credibility(res.particles, x))
+    with pytest.raises(ValueError, match="record_state"):
+        _tempered_distance_credibility(smc(log_p_and_f, torch.randn(8, B, D, dtype=torch.float64), moves=1,
+                                           record=True).path, s, x)
