@@ -469,7 +469,7 @@ def test_temperature_scores_find_the_temperature_of_an_overconfident_gaussian_ra
     for criterion, tol in (("nll", 0.06), ("hpd", 0.16), ("coverage", 0.16)):
         per = _temperature_scores(res.path, s, lp_true[0], f_true[0], criterion, x, torch.Generator().manual_seed(1))
         assert per.shape == (2 if criterion == "coverage" else 1, len(s), B)
-        score = _temperature_score(per, criterion)
+        score = _temperature_score(per, criterion)[0]
         best = float(s[int(score.argmin())])
         assert abs(best - 0.5) <= tol, (criterion, best, score)
         if criterion != "nll":  # the ratio at 1: overconfident; at 1/2: calibrated

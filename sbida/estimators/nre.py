@@ -627,9 +627,7 @@ class NRE(Estimator):
                                            progress=progress)
             scores.append(_temperature_scores(res.path, (full / top).to(zt.dtype), g_true[j], top * f_true[j],
                                               criterion, zt[j], gen))
-        per = torch.cat(scores, -1)
-        eces = None if criterion == "nll" else _coverage_eces(per)  # (C, S): one per statistic
-        score = per[0].mean(1) if eces is None else eces.sum(0)
+        score, eces = _temperature_score(torch.cat(scores, -1), criterion)
         score_at_1 = float(score[-1]) if top >= 1 else float("nan")
         score = score[:len(grid)]
         best = int(score.argmin())
@@ -660,16 +658,15 @@ def _temperature_scores(path: list[tuple[Tensor, ...]], s: Tensor, log_p_true: T
     return torch.stack([hpd, _tempered_distance_credibility(path, s, z_true, generator)])
 
 
-def _temperature_score(per: Tensor, criterion: str) -> Tensor:
+def _temperature_score(per: Tensor, criterion: str) -> tuple[Tensor, Tensor | None]:
     """The score of each temperature ``(S,)`` from :func:`_temperature_scores` ``(C, S, B)``: the mean NLL, or the
-    sum over the statistics of the ECE of their coverage at the levels 0.05 ... 0.95."""
-    return per[0].mean(1) if criterion == "nll" else _coverage_eces(per).sum(0)
-
-
-def _coverage_eces(per: Tensor) -> Tensor:
-    """The ECE ``(C, S)`` of each statistic's coverage at the levels 0.05 ... 0.95 from credibilities ``(C, S, B)``."""
+    sum over the statistics of the ECE of their coverage at the levels 0.05 ... 0.95; and those ECEs ``(C, S)``
+    (``None`` for ``"nll"``)."""
+    if criterion == "nll":
+        return per[0].mean(1), None
     levels = default_levels()[:, None]
-    return torch.stack([(coverage_curve(c.T) - levels).abs().mean(0) for c in per])
+    eces = torch.stack([(coverage_curve(c.T) - levels).abs().mean(0) for c in per])
+    return eces.sum(0), eces
 
 
 def _tempered_distance_credibility(path: list[tuple[Tensor, ...]], s: Tensor, z_true: Tensor,
