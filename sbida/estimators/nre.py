@@ -678,8 +678,7 @@ def _tempered_distance_credibility(path: list[tuple[Tensor, ...]], s: Tensor, z_
     if len(path[0]) < 5:
         raise ValueError("the distance credibility needs the particles' states: smc(..., record_state=...)")
     bk, _, ll_k, _, z_k = path_at(path, s)  # (S, B), (S, N, B), (S, N, B, D)
-    step = (s.to(bk.dtype)[:, None] - bk)[:, None, :]
-    log_w = torch.where(step > 0, step * ll_k, torch.zeros_like(ll_k))
+    log_w = _log_reweight(s.to(bk.dtype), bk, ll_k)
     out = []
     for i in range(len(s)):
         idx = systematic_resample(log_w[i], generator)  # (N, B)
@@ -688,15 +687,21 @@ def _tempered_distance_credibility(path: list[tuple[Tensor, ...]], s: Tensor, z_
     return torch.stack(out)
 
 
+def _log_reweight(s: Tensor, bk: Tensor, ll_k: Tensor) -> Tensor:
+    """Log weights ``(S, N, B)`` that take the particles of the path's temperature ``b_k <= s`` (``bk (S, B)``, their
+    log-ratios ``ll_k (S, N, B)``) to the temperature ``s`` ``(S,)``: ``(s - b_k) log l``, zero where ``b_k = s``."""
+    step = (s[:, None] - bk)[:, None, :]
+    return torch.where(step > 0, step * ll_k, torch.zeros_like(ll_k))
+
+
 def _tempered_credibility(path: list[tuple[Tensor, ...]], s: Tensor, log_p_true: Tensor, ll_true: Tensor) -> Tensor:
     """Highest-density credibility ``(S, B)`` of the truths under ``p l^s`` for the temperatures ``s`` ``(S,)``, from
     an SMC path (:attr:`sbida.samplers.SMCResult.path`): the weighted share of the particles of the last temperature
     ``b_k <= s``, reweighted by ``l^(s - b_k)``, whose density exceeds the truth's (``log p`` and ``log l`` of the
     truths ``(B,)``)."""
     bk, _, ll_k, lp_k = (a.double() for a in path_at(path, s)[:4])  # (S, B), (S, N, B)
+    w = torch.softmax(_log_reweight(s.double(), bk, ll_k), 1)
     s = s.double()[:, None, None]
-    step = s - bk[:, None, :]
-    w = torch.softmax(torch.where(step > 0, step * ll_k, torch.zeros_like(ll_k)), 1)
     above = (lp_k + s * ll_k) > (log_p_true + s[..., 0] * ll_true)[:, None, :]
     return (w * above).sum(1)
 
