@@ -96,7 +96,8 @@ Jacobian costs one backward pass over ``D`` copies of the batch). :meth:`NPE.fit
 noise (:func:`sbida.diagnostics.coverage_noise`); ``power_fit`` does it at the end of
 :meth:`~sbida.estimators.base.Estimator.fit`, after the tails. It is off by default: on ``lorenz96`` K=40 it lowered
 both joint ECEs of two networks to about 0.015 (spread/skill 0.99, energy score a little lower) at :math:`\gamma`
-= 1.05, but raised their held-out NLL by 0.6-0.8 nats per window (``benchmarks/RESULTS.md``).
+= 1.05, but raised their held-out NLL by 0.6-0.8 nats per window; at the configuration file's full budget (50
+epochs) the fit keeps 1, and NPE without it has joint ECEs of 0.026 and 0.031 (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
