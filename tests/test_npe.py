@@ -794,6 +794,31 @@ def test_training_is_reproducible_and_resumable(tiny, tmp_path):
     assert e.fit(train, val, **{**kw, "seed": 6})["train_loss"] != ha["train_loss"]
 
 
+def test_training_state_loads_as_an_estimator_to_look_at_a_running_fit(tiny, tmp_path):
+    """``load`` reads fit's per-epoch training state: its best (or last) weights, with a warning that the calibration
+    fits of the end of fit are missing; ``after_fit`` with fit's seed then gives the very estimator fit returned."""
+    task, train, val = tiny
+    ck = tmp_path / "ck.pt"
+    kw = {"epochs": 4, "steps_per_epoch": 3, "batch_size": 32, "patience": None, "progress": False, "seed": 5}
+    done = NPE(task, **SMALL)
+    done.fit(train, val, checkpoint=ck, callback=lambda epoch, h: epoch == 1, **kw)
+    state = torch.load(ck, weights_only=True)
+    moved = tmp_path / "moved.pt"  # last weights that differ from the best ones
+    torch.save({**state, "model": {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}}, moved)
+    with pytest.warns(UserWarning, match="after epoch 2: loaded its best weights.*after_fit"):
+        best = sbida.estimators.load(moved)
+    with pytest.warns(UserWarning, match="last weights"):
+        last = NPE.load(moved, weights="last")
+    assert all(torch.equal(v, best.state_dict()[k]) for k, v in state["best"].items())
+    assert all(torch.equal(v + 1, last.state_dict()[k]) for k, v in state["model"].items() if v.is_floating_point())
+    _, y, m, t = val.get(torch.arange(4))
+    draw = lambda est: est.posterior(y, m, t).sample(8, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    best.after_fit(train, val, seed=5)
+    assert torch.equal(draw(best), draw(done))
+    with pytest.raises(ValueError, match="'best' or 'last'"):
+        sbida.estimators.load(ck, weights="final")
+
+
 def test_cosine_schedule_follows_the_clock_when_max_time_comes_first(tiny):
     """A run stopped by max_time long before its steps still ends at the low learning rate of the schedule."""
     task, train, val = tiny

@@ -560,15 +560,30 @@ class Estimator(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Estimator:
-        """Read an estimator written by :meth:`save` (``weights_only``); ``Estimator.load`` finds the class."""
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu", weights: str = "best") -> Estimator:
+        """Read an estimator written by :meth:`save` (``weights_only``); ``Estimator.load`` finds the class.
+
+        ``path`` may also be the training state that :meth:`fit` writes with ``checkpoint=...`` after every epoch, to
+        look at a long training while it runs: ``weights`` picks its ``"best"`` weights so far (by the validation
+        loss) or its ``"last"`` ones. Such an estimator lacks what the end of :meth:`fit` adds (the calibration fits
+        of :meth:`after_fit`, e.g. NPE's tails or NRE's temperature): a warning says so, and
+        ``est.after_fit(train, val, seed=0)`` makes them.
+        """
+        if weights not in ("best", "last"):
+            raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no estimator at {path}")
         ck = torch.load(path, map_location=map_location, weights_only=True)
+        if isinstance(ck, dict) and "model" in ck and "config" in ck and "epoch" in ck:  # fit's training state
+            state = ck["model"] if weights == "last" or ck.get("best") is None else ck["best"]
+            warnings.warn(f"{path.name} is the training state of fit() after epoch {ck['epoch'] + 1}: loaded its "
+                          f"{'best' if state is ck.get('best') else 'last'} weights, without the calibration fits that "
+                          f"end fit() (call after_fit(train, val, seed) for them)", stacklevel=2)
+            ck = {"config": ck["config"], "state_dict": state}
         if not isinstance(ck, dict) or "config" not in ck or "state_dict" not in ck:
-            raise ValueError(f"{path} is not a sbida estimator (a checkpoint from fit(checkpoint=...) holds training "
-                             f"state: load it with fit(resume=True))")
+            raise ValueError(f"{path} is not a sbida estimator (neither a file of save() nor a training state of "
+                             f"fit(checkpoint=...))")
         cfg = ck["config"]
         if cfg["class"] not in REGISTRY:
             raise ValueError(f"{path} holds a {cfg['class']}, which is not a known estimator ({sorted(REGISTRY)})")
@@ -606,6 +621,7 @@ class _LossOf(nn.Module):
         return self.estimator.loss(batch)
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> Estimator:
-    """Load any estimator saved with :meth:`Estimator.save`."""
-    return Estimator.load(path, map_location)
+def load(path: str | Path, map_location: str | torch.device = "cpu", weights: str = "best") -> Estimator:
+    """Load any estimator saved with :meth:`Estimator.save`, or the weights of a training state written by
+    :meth:`Estimator.fit` (``weights``: ``"best"`` or ``"last"``; see :meth:`Estimator.load`)."""
+    return Estimator.load(path, map_location, weights)
