@@ -250,7 +250,7 @@ class GaussianPosterior(Posterior):
         if self.df is None:
             return self.dist.log_prob(self._check_x(x).to(self._mean.dtype))
         D, nu = self.event_size, self.df
-        whitened = IsotropicStudentT(self._mean.new_zeros(1, D, dtype=torch.float64), nu, math.sqrt((nu - 2) / nu))
+        whitened = IsotropicStudentT.unit(self._mean.new_zeros(1, D, dtype=torch.float64), nu)
         return (whitened.log_prob_at_distance(self.mahalanobis(x)) - self.half_log_det()).to(self._mean.dtype)
 
     def mahalanobis(self, x: Tensor) -> Tensor:
@@ -298,7 +298,7 @@ def fit_student_t(r2: Tensor, dim: int, log_jac: Tensor | float = 0.0, scale: bo
 
     def nll(p: Tensor) -> Tensor:
         nu, log_c = p[0].clamp(lo, hi).exp(), (p[1] if scale else p[1].detach() * 0)
-        base = IsotropicStudentT(centre, nu, ((nu - 2) / nu).sqrt())
+        base = IsotropicStudentT.unit(centre, nu)
         return -(base.log_prob_at_distance(r2 / (2 * log_c).exp()) - dim * log_c + rest).mean()
 
     p = torch.tensor([math.log(30.0), 0.0], dtype=torch.float64, requires_grad=True)

@@ -219,17 +219,18 @@ class _KnownRatio(torch.nn.Module):
         return -0.5 * self.precision * (z - self.c).square().sum(-1)
 
 
-@pytest.mark.parametrize("space", ["base", "state"])
-def test_smc_draws_the_reference_times_the_ratio_in_either_space(tiny, space):
+@pytest.mark.parametrize("space,tails", [("base", None), ("state", None), ("base", 5.0), ("state", 5.0)])
+def test_smc_draws_the_reference_times_the_ratio_in_either_space(tiny, space, tails):
     """SMC over the reference flow's base variables (the default) or over the standardized states targets the same
-    ``g e^f``: with a known ``f`` its particles' moments match self-normalized importance sampling of 40 000 draws of
-    ``g`` (the same windows), its evidence ``log E_g[e^f]`` matches theirs, and the recorded path holds ``log g`` of
-    the particles (the density ``fit_temperature`` ranks the truths by), not the base's."""
+    ``g e^f``, with a Gaussian base or a Student-t one (``ref_tails``): with a known ``f`` its particles' moments match
+    self-normalized importance sampling of 40 000 draws of ``g`` (the same windows), its evidence ``log E_g[e^f]``
+    matches theirs, and the recorded path holds ``log g`` of the particles (the density ``fit_temperature`` ranks the
+    truths by), not the base's."""
     from sbida.estimators.nre import _reference_draws
 
     task, train, _, trained = tiny
     est = copy.deepcopy(trained)
-    est.hparams["smc_space"] = space
+    est.hparams.update(smc_space=space, ref_tails=tails)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a reference far from affine, whose log-Jacobian varies (the trained one is nearly affine)
         for p in est.flow.parameters():
@@ -239,11 +240,11 @@ def test_smc_draws_the_reference_times_the_ratio_in_either_space(tiny, space):
         b = est.standardize(None, y, m, t)
         hmap, _ = est.encoder(b.y, b.mask, b.t)
         ref = est.reference(hmap)
-        c = _reference_draws(ref, torch.randn(1, 3, 8, generator=g))[0] + 0.3  # off the reference's draws
+        c = _reference_draws(ref, est._base_noise(1, 3, g, hmap))[0] + 0.3  # off the reference's draws
         est.ratio = _KnownRatio(c, 0.5)
-        xi = torch.randn(40000, 3, 8, generator=g)
+        xi = est._base_noise(40000, 3, g, hmap)
         draws = _reference_draws(ref, xi).double()
-        log_jac = (-0.5 * xi.square().sum(-1) - ref.log_prob(draws.float())).double()  # log |dT/du| + const
+        log_jac = (est._base_log_prob(xi) - ref.log_prob(draws.float())).double()  # log |dT/du| + const
         log_w = est.ratio(draws.float(), hmap).double()
         w = torch.softmax(log_w, 0)[..., None]
         mean = (w * draws).sum(0)
@@ -256,11 +257,50 @@ def test_smc_draws_the_reference_times_the_ratio_in_either_space(tiny, space):
     assert v.shape == (2000, 3, 8)
     assert ((v.mean(0) - mean) / std).abs().max() < 0.15, ((v.mean(0) - mean) / std).abs().max()
     assert torch.allclose(v.std(0), std, rtol=0.1), (v.std(0) / std)
-    assert torch.allclose(res.log_evidence.double(), log_z, atol=0.05), (res.log_evidence, log_z)
+    if tails is None:  # the evidence is the ratio's incremental weights alone (no base in it): checked once, its
+        # noise at 2000 particles (about 0.05) being the tolerance's size
+        assert torch.allclose(res.log_evidence.double(), log_z, atol=0.05), (res.log_evidence, log_z)
     with torch.no_grad():
         assert torch.allclose(res.path[-1][3], ref.log_prob(res.particles), atol=1e-4)
     with pytest.raises(ValueError, match="smc_space"):
         NRE(task, smc_space="latent", **SMALL)
+
+
+def test_student_t_reference_base_is_fitted_and_kept_by_the_sampler(tiny, tmp_path):
+    """``fit_tails`` (on by default at the end of fit) fits the reference's Student-t base by held-out likelihood; the
+    SMC sampler keeps that base: with a nearly flat ratio its particles, mapped back to the base, have the Student-t's
+    tail mass and median of ``|u|^2`` (a Gaussian prior in the moves would pull them to the chi-square's: 0.002 and
+    7.3); ``ref_tails`` is saved with the model and checked."""
+    from sbida.nn import IsotropicStudentT
+
+    task, train, val, trained = tiny
+    rec = trained.tails_record  # made by fit (ref_tails_fit: true)
+    assert set(rec) == {"tails", "nll", "nll_gaussian", "windows"} and rec["windows"] == len(val)
+    assert trained.hparams["ref_tails"] == rec["tails"] and 3 <= rec["tails"] <= 1e6
+    assert rec["nll"] <= rec["nll_gaussian"] + 1e-9
+    est = copy.deepcopy(trained)
+    again = est.fit_tails(val, seed=1)
+    assert again["tails"] == pytest.approx(rec["tails"], rel=1e-4)  # all of val: the same windows
+    est.hparams["ref_tails"] = 5.0
+    _, y, m, t = train.get(torch.arange(3))
+    with torch.no_grad():
+        b = est.standardize(None, y, m, t)
+        hmap, _ = est.encoder(b.y, b.mask, b.t)
+        ref = est.reference(hmap)
+    est.ratio = _KnownRatio(torch.zeros(3, 8), 1e-3)
+    res = est._smc_from_reference(hmap, hmap, 2000, 1.0, 20, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        r2 = ref.base_dist.transform(ref.transforms[0].inv(res.particles)).square().sum(-1)
+    exact = IsotropicStudentT.unit(torch.zeros(1, 8), 5.0).sample((400000,)).square().sum(-1)
+    p_exact = float((exact > 24).double().mean())  # about 0.047 (chi-square with 8 degrees of freedom: 0.002)
+    tail = (r2 > 24).double().mean(0)
+    assert ((tail - p_exact).abs() < 3 * math.sqrt(p_exact / 2000)).all(), (tail, p_exact)
+    assert ((r2.median(0).values - exact.median()).abs() < 0.4).all(), (r2.median(0).values, exact.median())
+    assert load(trained.save(tmp_path / "nre.pt")).hparams["ref_tails"] == rec["tails"]
+    with pytest.raises(ValueError, match="ref_tails"):
+        NRE(task, ref_tails=2.0, **SMALL)
+    with pytest.raises(ValueError, match="flow reference"):
+        NRE(task, **{**SMALL, "reference": "diag"}).fit_tails(val)
 
 
 def test_laplace_fit_is_made_once_per_posterior(tiny, monkeypatch):

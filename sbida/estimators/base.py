@@ -469,6 +469,16 @@ class Estimator(nn.Module):
             raise ValueError(f"need windows >= {least}, got {windows}")
         return torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:windows]
 
+    def _check_tails(self, key: str) -> None:
+        """Check the Student-t base settings ``key`` (``None`` or degrees of freedom > 2), ``key_fit`` (a bool) and
+        ``key_windows`` (>= 2) of the hyperparameters."""
+        h = self.hparams
+        nu, fit, windows = h[key], h[f"{key}_fit"], h[f"{key}_windows"]
+        if nu is not None and not (float(nu) > 2 and math.isfinite(float(nu))):
+            raise ValueError(f"{key} must be null (a Gaussian base) or finite degrees of freedom > 2, got {nu}")
+        if not isinstance(fit, bool) or int(windows) < 2:
+            raise ValueError(f"{key}_fit must be true or false and {key}_windows >= 2, got {fit!r} and {windows}")
+
     @staticmethod
     def _held_out(val: WindowDataset | None, setting: str, kept: str) -> bool:
         """Whether ``val`` has windows for the calibration fit that ``setting`` asks for at the end of :meth:`fit`;

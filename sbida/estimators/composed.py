@@ -787,7 +787,7 @@ class ComposedScore(Estimator):
         def held_out_nll(rows: Tensor, g: float, fit: dict[str, float]) -> Tensor:
             r2, jac = whiten(rows, g)
             nu, c = fit["df"], fit["scale"]
-            t = IsotropicStudentT(r2.new_zeros(1, D), nu, math.sqrt((nu - 2) / nu))
+            t = IsotropicStudentT.unit(r2.new_zeros(1, D), nu)
             return -(t.log_prob_at_distance(r2 / c**2) - D * math.log(c) + jac)
 
         # the power is kept only where it generalizes: fitted on the windows of half the trajectories, it must raise

@@ -118,7 +118,7 @@ from zuko.transforms import ComposedTransform
 from ..data import WindowDataset
 from ..diagnostics.coverage import coverage_curve, coverage_noise, default_levels, distance_credibility
 from ..diagnostics.scores import spectral_powers, wavenumber_bins
-from ..nn import GridFlow, IsotropicStudentT, WindowEncoder, periodic_conv
+from ..nn import GridFlow, IsotropicStudentT, WindowEncoder, periodic_conv, with_student_t_base
 from ..posterior import DistributionPosterior, PointPosterior, _seed_from, fit_student_t
 from .base import Batch, Estimator
 
@@ -314,12 +314,7 @@ class NPE(Estimator):
         if int(h["inflation_windows"]) < 1 or int(h["inflation_samples"]) < 2:
             raise ValueError(f"inflation_windows must be >= 1 and inflation_samples >= 2, got "
                              f"{h['inflation_windows']} and {h['inflation_samples']}")
-        nu = h["tails"]
-        if nu is not None and not (float(nu) > 2 and math.isfinite(float(nu))):
-            raise ValueError(f"tails must be null (a Gaussian base) or finite degrees of freedom > 2, got {nu}")
-        if not isinstance(h["tails_fit"], bool) or int(h["tails_windows"]) < 2:
-            raise ValueError(f"tails_fit must be true or false and tails_windows >= 2, got {h['tails_fit']!r} and "
-                             f"{h['tails_windows']}")
+        self._check_tails("tails")
         if not isinstance(h["scale_fit"], bool) or int(h["scale_windows"]) < 2:
             raise ValueError(f"scale_fit must be true or false and scale_windows >= 2, got {h['scale_fit']!r} and "
                              f"{h['scale_windows']}")
@@ -377,9 +372,7 @@ class NPE(Estimator):
             loc, raw = self.local_head(hmap).chunk(2, dim=1)
             loc, scale = loc.reshape(B, -1), (F.softplus(raw + _SOFTPLUS_ONE) + 1e-3).reshape(B, -1)
         flow = self.flow(hmap if self.hparams["flow"] == "grid" else c)
-        if self.hparams["tails"] is not None:
-            nu = float(self.hparams["tails"])
-            flow = NormalizingFlow(flow.transform, IsotropicStudentT(flow.base.mean, nu, math.sqrt((nu - 2) / nu)))
+        flow = with_student_t_base(flow, self.hparams["tails"])
         # z = b * z0: the transform ends with z -> z / b (always composed: testing b == 1 would sync a GPU per step)
         b = self.base_scale.to(flow.base.mean)
         flow = NormalizingFlow(ComposedTransform(flow.transform, AffineTransform(0.0, 1 / b, event_dim=1)), flow.base)
@@ -599,8 +592,7 @@ class NPE(Estimator):
         D, nu = self.event_size, self.hparams["tails"]
         if nu is None:
             return -r2 / 2 - D / 2 * math.log(2 * math.pi)
-        nu = float(nu)
-        return IsotropicStudentT(r2.new_zeros(1, D), nu, math.sqrt((nu - 2) / nu)).log_prob_at_distance(r2)
+        return IsotropicStudentT.unit(r2.new_zeros(1, D), float(nu)).log_prob_at_distance(r2)
 
     def fit_scale(self, data: WindowDataset, windows: int = 4096, seed: int = 0) -> dict[str, Any]:
         r"""Fit the scale of each dimension of the flow's base space on held-out windows and set it (the buffer

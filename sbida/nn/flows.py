@@ -39,7 +39,8 @@ from zuko.transforms import (
 
 from .layers import periodic_conv
 
-__all__ = ["GridCoupling", "GridFlow", "couplings_per_level", "lattice", "levels_of"]
+__all__ = ["GridCoupling", "GridFlow", "IsotropicStudentT", "couplings_per_level", "lattice", "levels_of",
+           "with_student_t_base"]
 
 
 def _split(state_shape: Sequence[int]) -> tuple[int, tuple[int, ...]]:
@@ -257,6 +258,12 @@ class IsotropicStudentT(Distribution):
             raise ValueError(f"df and scale must be single numbers > 0, got {df} and {scale}")
         super().__init__(loc.shape[:-1], loc.shape[-1:], validate_args=False)
 
+    @classmethod
+    def unit(cls, loc: Tensor, df: float | Tensor) -> IsotropicStudentT:
+        """The Student-t of ``df > 2`` degrees of freedom with covariance ``I`` (scale :math:`c = \\sqrt{(\\nu - 2) /
+        \\nu}`), centred at ``loc`` ``(*batch, D)``."""
+        return cls(loc, df, ((torch.as_tensor(df, dtype=torch.float64) - 2) / df).sqrt())
+
     @property
     def mean(self) -> Tensor:
         """The centre ``loc`` (the mean where :math:`\\nu > 1`)."""
@@ -286,3 +293,12 @@ class IsotropicStudentT(Distribution):
                  - D * torch.log(c))
         tail = ((nu + D) / 2).to(r2.dtype) * torch.log1p(r2 / (nu * c * c).to(r2.dtype))
         return const.to(r2.dtype) - tail
+
+
+def with_student_t_base(flow: NormalizingFlow, df: float | None) -> NormalizingFlow:
+    """``flow`` with its Gaussian base replaced by the unit-covariance Student-t of ``df`` degrees of freedom
+    (:meth:`IsotropicStudentT.unit`, same centre; ``None``: ``flow`` unchanged). The transform is the same, so the
+    spread of the draws keeps its scale and only the shape of the tails changes."""
+    if df is None:
+        return flow
+    return NormalizingFlow(flow.transform, IsotropicStudentT.unit(flow.base.mean, float(df)))
