@@ -299,8 +299,11 @@ def test_student_t_reference_base_is_fitted_and_kept_by_the_sampler(tiny, tmp_pa
     assert load(trained.save(tmp_path / "nre.pt")).hparams["ref_tails"] == rec["tails"]
     with pytest.raises(ValueError, match="ref_tails"):
         NRE(task, ref_tails=2.0, **SMALL)
+    diag = NRE(task, **{**SMALL, "reference": "diag", "ref_tails": 5.0})
     with pytest.raises(ValueError, match="flow reference"):
-        NRE(task, **{**SMALL, "reference": "diag"}).fit_tails(val)
+        diag.fit_tails(val)
+    u = torch.randn(4, 8)  # the diagonal reference keeps its Gaussian base, in its draws and its SMC prior alike
+    assert diag._ref_df() is None and torch.equal(diag._base_log_prob(u), -0.5 * u.square().sum(-1))
 
 
 def test_laplace_fit_is_made_once_per_posterior(tiny, monkeypatch):

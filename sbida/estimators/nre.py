@@ -333,25 +333,30 @@ class NRE(Estimator):
         loc, scale = self._proposal(hmap)
         if self.flow is None:
             return Independent(Normal(loc, scale), 1)
-        flow = with_student_t_base(self.flow(hmap), self.hparams["ref_tails"])
+        flow = with_student_t_base(self.flow(hmap), self._ref_df())
         return TransformedDistribution(flow, [AffineTransform(loc, scale, event_dim=1)])
 
-    def _base_noise(self, n: int, b: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
-        """Draws ``(n, b, D)`` of the reference's base (a standard normal, or with ``ref_tails`` the unit-covariance
-        Student-t of a flow reference), as float tensors like ``like``, from ``generator``."""
-        xi = torch.randn(n, b, self.event_size, generator=generator, device=like.device, dtype=like.dtype)
+    def _ref_df(self) -> float | None:
+        """Degrees of freedom of the reference's base: ``ref_tails`` for a flow reference, ``None`` (a standard normal)
+        otherwise."""
         nu = self.hparams["ref_tails"]
-        if nu is None or self.flow is None:
+        return None if nu is None or self.flow is None else float(nu)
+
+    def _base_noise(self, n: int, b: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
+        """Draws ``(n, b, D)`` of the reference's base (a standard normal, or the unit-covariance Student-t of
+        :meth:`_ref_df`), as float tensors like ``like``, from ``generator``."""
+        xi = torch.randn(n, b, self.event_size, generator=generator, device=like.device, dtype=like.dtype)
+        nu = self._ref_df()
+        if nu is None:
             return xi
-        return xi * student_t_mixing(float(nu), (n, b, 1), generator, like.device).sqrt().to(like.dtype)
+        return xi * student_t_mixing(nu, (n, b, 1), generator, like.device).sqrt().to(like.dtype)
 
     def _base_log_prob(self, u: Tensor) -> Tensor:
-        """Log-density ``(...)`` of the flow reference's base at ``u`` ``(..., D)``, up to a constant."""
-        nu = self.hparams["ref_tails"]
+        """Log-density ``(...)`` of the reference's base at ``u`` ``(..., D)``, up to a constant."""
+        nu = self._ref_df()
         if nu is None:
             return -0.5 * u.square().sum(-1)
-        t = IsotropicStudentT.unit(u.new_zeros(1, u.shape[-1]), float(nu))
-        return t.log_prob_at_distance(u.square().sum(-1))
+        return IsotropicStudentT.unit(u.new_zeros(1, u.shape[-1]), nu).log_prob_at_distance(u.square().sum(-1))
 
     def reference_mode(self, hmap: Tensor, ref: Distribution | None = None) -> Tensor:
         """The image of the base's mode under the reference (its mode for the diagonal Gaussian): ``(B, D)``, the
