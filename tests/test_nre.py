@@ -306,6 +306,39 @@ def test_student_t_reference_base_is_fitted_and_kept_by_the_sampler(tiny, tmp_pa
     assert diag._ref_df() is None and torch.equal(diag._base_log_prob(u), -0.5 * u.square().sum(-1))
 
 
+def test_zero_temperature_is_the_reference_drawn_directly(tiny):
+    """At ``ratio_temperature`` 0 the posterior is the reference ``g`` alone: drawn from it directly, without the
+    classifier or SMC, with the moments of SMC's draws at a negligible temperature; its density is ``g``'s. The
+    temperature fit scores 0 too (the first value of its default grid)."""
+    task, train, val, trained = tiny
+    _, y, m, t = train.get(torch.arange(3))
+    near = copy.deepcopy(trained)
+    near.hparams.update(ratio_temperature=1e-9, smc_moves=5)
+    s_near = near.posterior(y, m, t).sample(3000, generator=torch.Generator().manual_seed(0)).double()
+    est = copy.deepcopy(trained)
+    est.hparams["ratio_temperature"] = 0.0
+
+    class NoClassifier(torch.nn.Module):
+        def context(self, hmap):
+            return hmap
+
+        def forward(self, z, context):
+            raise AssertionError("the classifier was evaluated at temperature 0")
+
+    est.ratio = NoClassifier()
+    post = est.posterior(y, m, t)
+    s = post.sample(3000, generator=torch.Generator().manual_seed(1)).double()
+    assert torch.equal(post.acceptance, torch.ones(3))
+    sd = s_near.std(0)
+    assert ((s.mean(0) - s_near.mean(0)).abs() / sd).max() < 0.15 and torch.allclose(s.std(0), sd, rtol=0.1)
+    lp = post.log_prob(s[:4].float())  # g's own density, normalized: the same as the one of the near-zero posterior
+    assert torch.allclose(lp, near.posterior(y, m, t).log_prob(s[:4].float()), atol=1e-3)
+    rec = copy.deepcopy(trained).fit_temperature(val, windows=6, particles=32, moves=2, seed=0)
+    assert rec["grid"][0] == 0.0 and len(rec["grid"]) == 41 and math.isfinite(rec["score"][0])
+    with pytest.raises(ValueError, match="ratio_temperature"):
+        NRE(task, ratio_temperature=-0.5, **SMALL)
+
+
 def test_laplace_fit_is_made_once_per_posterior(tiny, monkeypatch):
     import sbida.estimators.nre as nre_module
 
@@ -375,7 +408,7 @@ def test_temperature_fit_after_fit_sets_and_saves_the_temperature(tiny, tmp_path
     est = NRE(task, temperature_fit="coverage", **options)
     est.fit(train, val, epochs=1, steps_per_epoch=2, batch_size=32, progress=False, seed=3)
     record = est.temperature_record
-    assert record["criterion"] == "coverage" and record["windows"] == 6 and len(record["score"]) == 40
+    assert record["criterion"] == "coverage" and record["windows"] == 6 and len(record["score"]) == 41
     by = record["score_by_statistic"]  # the score is the sum of both joint statistics' ECEs
     assert set(by) == {"hpd", "distance"} and record["score"] == pytest.approx([a + b for a, b in zip(*by.values())])
     assert est.hparams["ratio_temperature"] == record["temperature"]

@@ -185,7 +185,8 @@ class NRE(Estimator):
     (SMC's MALA moves per temperature and the fraction of effective particles kept at each), ``smc_space`` (``"base"``:
     SMC runs over the reference's base variables, ``"state"``: over the standardized states; models saved before this
     setting existed load with ``"base"``, though a temperature they fitted came from ``"state"``), ``ratio_temperature``
-    (``tau`` of the posterior ``g e^{tau f}``, 1 by default; :meth:`fit_temperature` fits it), ``temperature_fit``
+    (``tau`` of the posterior ``g e^{tau f}``, 1 by default, 0 for the reference alone, drawn directly without SMC;
+    :meth:`fit_temperature` fits it), ``temperature_fit``
     (``None``, ``"coverage"``, ``"hpd"`` or ``"nll"``: the criterion of a :meth:`fit_temperature` on the validation
     windows at the end of :meth:`fit`, over ``temperature_windows`` of them and temperatures up to ``temperature_max``),
     ``ref_tails`` (``None``: the reference flow's base is a standard normal; a number ``nu > 2``: the unit-covariance
@@ -225,8 +226,8 @@ class NRE(Estimator):
         if int(h["steps"]) < 0 or float(h["inflate"]) <= 0 or int(h["newton"]) < 0:
             raise ValueError(f"steps and newton must be >= 0 and inflate > 0, got {h['steps']}, {h['newton']} and "
                              f"{h['inflate']}")
-        if not float(h["ratio_temperature"]) > 0:
-            raise ValueError(f"ratio_temperature must be > 0, got {h['ratio_temperature']}")
+        if not float(h["ratio_temperature"]) >= 0:
+            raise ValueError(f"ratio_temperature must be >= 0, got {h['ratio_temperature']}")
         if h["temperature_fit"] not in (None, "coverage", "hpd", "nll"):
             raise ValueError(f"temperature_fit must be null, 'coverage', 'hpd' or 'nll', got "
                              f"{h['temperature_fit']!r}")
@@ -371,7 +372,9 @@ class NRE(Estimator):
     def log_posterior(self, z: Tensor, context: Tensor, ref: Distribution, tau: float = 1.0) -> Tensor:
         """Unnormalized log-posterior ``tau f(z~, y) + log g(z~ | y)`` of standardized flat states ``(..., B, D)``
         given the classifier's context ``(B, C, *grid)`` and the reference ``g`` (:meth:`reference`): ``(..., B)``
-        (``tau``: the ratio's temperature, 1 in training)."""
+        (``tau``: the ratio's temperature, 1 in training; at 0 the classifier is not evaluated)."""
+        if tau == 0:
+            return ref.log_prob(z)
         f = self.ratio(z, context)
         return (f if tau == 1.0 else tau * f) + ref.log_prob(z)
 
@@ -516,7 +519,12 @@ class NRE(Estimator):
             chunk = max(1, rows // (max(n, REFERENCE_CANDIDATES) if kind == "reference" else n))
             for i in range(0, B, chunk):
                 j = slice(i, min(B, i + chunk))
-                if kind == "smc":
+                if tau == 0:  # the reference alone: its own draws, exact, for every proposal
+                    with torch.no_grad():
+                        z = _reference_draws(self.reference(hmap[j]), self._base_noise(n, j.stop - j.start,
+                                                                                         generator, loc))
+                    a = torch.ones(j.stop - j.start, device=loc.device)
+                elif kind == "smc":
                     z, a = from_smc(j, max(n, 2), generator)
                     z = z[:n]
                 elif kind == "reference":
@@ -646,7 +654,8 @@ class NRE(Estimator):
         per window of ``data`` (``windows`` of them, not training windows) moves ``particles`` draws of ``g`` to
         :math:`g\,e^{\tau_{max} f}` with ``moves`` MALA moves per temperature (default the ``smc_moves``
         hyperparameter, the sampler the posterior will use) and keeps its path; every temperature of ``grid``
-        (default 40 values up to ``max_temperature``) is then scored from that one run:
+        (default 41 values from 0 to ``max_temperature``; at 0 the posterior is the reference alone, whose draws need
+        no SMC) is then scored from that one run:
 
         - ``criterion="coverage"``: the sum of the ECEs of both joint coverages of the true states at the levels
           0.05 ... 0.95, by highest density (each truth ranked by :math:`\log g + \tau f` among the particles of the
@@ -682,10 +691,10 @@ class NRE(Estimator):
             raise ValueError(f"need particles >= 2, moves >= 1 and max_temperature > 0, got {particles}, {moves} and "
                              f"{max_temperature}")
         top = float(max_temperature)
-        grid = torch.linspace(top / 40, top, 40, dtype=torch.float64) if grid is None \
+        grid = torch.linspace(0, top, 41, dtype=torch.float64) if grid is None \
             else torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
-        if len(grid) == 0 or (grid <= 0).any() or (grid > top).any():
-            raise ValueError(f"grid must hold temperatures in (0, max_temperature={top}], got {grid.tolist()}")
+        if len(grid) == 0 or (grid < 0).any() or (grid > top).any():
+            raise ValueError(f"grid must hold temperatures in [0, max_temperature={top}], got {grid.tolist()}")
         full = torch.cat([grid, torch.ones(1, dtype=torch.float64)]) if top >= 1 else grid
         gen = torch.Generator(device=self.device).manual_seed(seed)
         was_training = self.training
