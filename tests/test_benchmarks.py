@@ -208,12 +208,13 @@ def test_summary_reports_where_an_estimator_stopped():
 
 
 
-def test_scaling_plots_a_kolmogorov_only_study_and_refuses_an_empty_one(tmp_path):
+def test_scaling_plots_a_kolmogorov_only_study_and_refuses_an_empty_one(tmp_path, capsys):
     rows = [{"task": "kolmogorov", "size": 32, "D": 2048, "estimator": "score", "step_seconds": 2.0,
              "sample_seconds": 30.0, "peak_mb": 900, "extra_mb": 600, "nrmse": 1.0, "ece": 0.1}]
     assert scaling.plot(rows, tmp_path / "s.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         scaling.main(["--smoke", "--no-lorenz96", "--out", str(tmp_path)])
+    assert "leave nothing to run" in capsys.readouterr().err  # that refusal, not another argparse error
 
 # -- ablations.py ------------------------------------------------------------------------------------------------------
 def test_ablation_transforms_remove_time_and_mask():

@@ -48,7 +48,10 @@ def test_items_are_the_windows_of_the_trajectories(window):
 def test_loader_batches():
     data = small()
     batches = list(data.loader(batch_size=100, shuffle=True, generator=torch.Generator().manual_seed(0)))
-    assert sum(len(b[0]) for b in batches) == len(data)
+    got, every = torch.cat([b[0] for b in batches]).flatten(1), data.get(torch.arange(len(data)))[0].flatten(1)
+    w = torch.randn(got.shape[1], dtype=got.dtype)  # each window once, in a shuffled order
+    assert got.shape == every.shape and not torch.equal(got, every)
+    assert torch.allclose((got @ w).sort().values, (every @ w).sort().values)
     assert batches[0][1].shape == (100, 5, 4) and batches[0][2].dtype == torch.bool
 
 

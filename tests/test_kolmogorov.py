@@ -79,7 +79,8 @@ def test_lift_inverts_output_on_resolved_modes(long_run):
     # approximate for a turbulent field (small scales lost to the pooling)
     w_turb = traj[:, -1]
     err = rel(sim.lift(sim.output(w_turb)), w_turb)
-    assert 1e-3 < err < 0.5
+    plain = rel(sim.lift(sim.output(w_turb), deconvolve=False), w_turb)
+    assert 1e-3 < err < 0.5 and err < 0.85 * plain  # measured 0.264 against 0.367 without the deconvolution
 
 
 def test_initial_state():

@@ -111,6 +111,8 @@ def test_encoder_lifts_stations_onto_the_grid():
     h, v = enc(y, mask, torch.zeros(2))
     h2, v2 = enc(y2, mask, torch.zeros(2))
     assert torch.allclose(v, v2) and torch.allclose(h, h2)
+    h3, v3 = enc(torch.where(mask, y + 1, y), mask, torch.zeros(2))
+    assert (h3 - h).abs().max() > 0.05 and (v3 - v).abs().max() > 0.01
     assert h.shape == (2, 8, 16) and v.shape == (2, 16)
 
 

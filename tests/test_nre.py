@@ -125,9 +125,18 @@ def test_loss_variants_and_marginal(tiny):
     x, y, m, t = train.get(torch.arange(16))
     batch = est.standardize(x, y, m, t)
     assert torch.isfinite(est.loss(batch))
-    bnre = NRE(task, **SMALL, loss="bnre")
-    bnre.fit_standardization(train)
-    assert torch.isfinite(bnre.loss(bnre.standardize(x, y, m, t)))
+    bnre = NRE(task, **SMALL, loss="bnre", lmbda=0.0)
+    bnre.load_state_dict(est.state_dict())
+    bnre.hparams.update({k: v for k, v in est.hparams.items() if k not in ("loss", "lmbda")})  # the fitted tails
+    losses = {}
+    for lmbda in (0.0, 100.0):  # BNRE = NRE + lmbda x its balance term (>= 0): equal at 0, larger beyond
+        bnre.hparams["lmbda"] = lmbda
+        torch.manual_seed(1)  # the reference draws of the contrast term
+        losses[lmbda] = bnre.loss(bnre.standardize(x, y, m, t)).item()
+    torch.manual_seed(1)
+    nre_loss = est.loss(batch).item()
+    assert math.isfinite(losses[100.0]) and losses[0.0] == pytest.approx(nre_loss, abs=1e-5)
+    assert losses[100.0] > nre_loss + 1e-4
     # the fitted marginal is a normalized Gaussian of the standardized states: its log-density matches torch's
     L = est.marginal_tril
     z = torch.randn(5, 8)

@@ -218,11 +218,19 @@ def test_sampler_posterior():
     def sample_fn(n, generator):
         return 2.0 + torch.randn(n, 4, 5, generator=generator)
 
-    post = SamplerPosterior(sample_fn, 4, (5,))
+    calls = []
+
+    def counted(n, generator):
+        calls.append(n)
+        return sample_fn(n, generator)
+
+    post = SamplerPosterior(counted, 4, (5,))
     assert not post.has_log_prob and post.sample(3).shape == (3, 4, 5)
     assert torch.allclose(post.mean(), torch.full((4, 5), 2.0), atol=0.3)
-    assert torch.equal(post.mean(), post.mean())  # Monte Carlo moments are cached with a fixed seed
     assert torch.allclose(post.std(), torch.ones(4, 5), atol=0.2)
+    assert torch.equal(post.mean(), post.mean()) and calls == [3, post.n_moments]  # moments: one cached draw
+    # a fixed seed: a new posterior over the same sampler has the same moments
+    assert torch.equal(SamplerPosterior(sample_fn, 4, (5,)).mean(), post.mean())
     with pytest.raises(NotImplementedError):
         post.log_prob(torch.zeros(4, 5))
     wrong = SamplerPosterior(lambda n, g: torch.zeros(n, 4, 6), 4, (5,))
