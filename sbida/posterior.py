@@ -89,6 +89,10 @@ class Posterior:
         """Draw ``n`` samples for each window: ``(n, B, *state_shape)``."""
         raise NotImplementedError
 
+    def diagnostic_draws(self, n: int) -> int:
+        """How many of ``n`` asked-for draws the diagnostics take: ``n`` (an ensemble caps it at its size)."""
+        return self._check_n(n)
+
     def _moment_samples(self) -> Tensor:
         cached = getattr(self, "_moment_cache", None)
         if cached is None:
@@ -134,7 +138,9 @@ class EnsemblePosterior(Posterior):
 
     ``sample(n)`` returns ``n`` members drawn without replacement when ``n <= M`` (all of them, in a random order,
     when ``n == M``) and with replacement otherwise. ``mean`` and ``std`` are the ensemble's (``std`` with the
-    ``M - 1`` denominator).
+    ``M - 1`` denominator). The diagnostics (:func:`~sbida.diagnostics.evaluate`, coverage, SBC, TARP) take at most
+    its ``M`` members (:meth:`diagnostic_draws`): repeated members would tie with each other, and an exact ensemble
+    would look over-confident (its distance ECE, its fair CRPS and its C2ST, where copies land in both folds).
     """
 
     def __init__(self, members: Tensor, state_shape: tuple[int, ...] | None = None):
@@ -152,6 +158,10 @@ class EnsemblePosterior(Posterior):
     def size(self) -> int:
         """Ensemble size ``M``."""
         return self.members.shape[0]
+
+    def diagnostic_draws(self, n: int) -> int:
+        """``min(n, M)``: the diagnostics draw each member at most once."""
+        return min(self._check_n(n), self.size)
 
     def _device(self) -> torch.device:
         return self.members.device

@@ -341,6 +341,16 @@ def test_evaluate_exact_linear_gaussian(linear_task, tmp_path):
             return EnsemblePosterior(post.mean() + 0.5 * (draw(post, 200) - post.mean()))
 
     bad = dg.evaluate(Narrow(), data, n_samples=200, batch_size=256, progress=False)
+    # a calibrated ensemble of 50 members asked for 300 draws: its 50 members, each once (resampled with replacement,
+    # the copies would tie: ECE-d 0.1 at 300 draws, and a C2ST AUC of 1 with copies in both folds)
+    class Exact50:
+        def posterior(self, y, mask, t):
+            return EnsemblePosterior(draw(exact(y, mask, t), 50))
+
+    ens = dg.evaluate(Exact50(), data, n_samples=300, batch_size=256, reference=exact, c2st_windows=2,
+                      progress=False)
+    assert ens.n_samples == ens.sbc.n_samples == 50 and ens.coverage.method == "distance"
+    assert ens.coverage.ece <= 0.05 and abs(ens.spread_skill - 1) < 0.05 and ens.c2st_auc <= 0.65
     assert bad.coverage.method == "distance" and bad.coverage.ece >= 0.15
     assert bad.coverage.distance_ece == bad.coverage.ece
     assert bad.spread_skill < 0.6 and bad.sbc.flagged() and bad.c2st_auc is None

@@ -6,6 +6,7 @@ import torch
 from scipy.stats import chi2, f, kstest, multivariate_normal, multivariate_t
 from scipy.stats import norm as scipy_norm
 
+from sbida.diagnostics import sbc
 from sbida.posterior import (
     DistributionPosterior,
     EnsemblePosterior,
@@ -179,6 +180,9 @@ def test_ensemble_sampling_and_moments():
     all_members = post.sample(10, generator=gen(1))
     assert torch.equal(all_members.sort(0).values, members.sort(0).values)
     assert post.sample(25, generator=gen(1)).shape == (25, 3, 4)  # with replacement
+    # the diagnostics take each member once at most
+    assert post.diagnostic_draws(25) == 10 and post.diagnostic_draws(4) == 4
+    assert sbc(post, members[0], n_samples=25, generator=gen(2)).n_samples == 10
     assert torch.allclose(post.mean(), members.mean(0)) and torch.allclose(post.std(), members.std(0))
     assert torch.equal(EnsemblePosterior(members[:1]).std(), torch.zeros(3, 4))
     with pytest.raises(NotImplementedError, match="no density"):

@@ -42,7 +42,7 @@ def draw(posterior_or_samples: Posterior | Tensor, truth: Tensor, n_samples: int
         if post.batch_size != truth.shape[0] or tuple(post.state_shape) != tuple(truth.shape[1:]):
             raise ValueError(f"the posterior is over {post.batch_size} windows of shape {post.state_shape}, the truth "
                              f"has shape {tuple(truth.shape)}")
-        return check_samples(post.sample(int(n_samples), generator=generator), truth), post
+        return check_samples(post.sample(post.diagnostic_draws(int(n_samples)), generator=generator), truth), post
     return check_samples(posterior_or_samples, truth), None
 
 

@@ -152,7 +152,9 @@ def evaluate(estimator_or_posterior_fn: Any, dataset, n_samples: int = 1000, bat
     Args:
         estimator_or_posterior_fn: an object with ``.posterior(y, mask, t) -> Posterior`` or such a callable.
         dataset: a :class:`~sbida.data.WindowDataset` (``get(indices) -> (x, y, mask, t)``).
-        n_samples: posterior samples per window (``>= 2``).
+        n_samples: posterior samples per window (``>= 2``); an ensemble posterior gives at most its ``M`` members,
+            each once (:meth:`~sbida.posterior.Posterior.diagnostic_draws`; the result's ``n_samples`` is the number
+            taken).
         batch_size: windows per call of the posterior.
         reference: optional reference estimator or posterior function (e.g. an exact posterior) for C2ST.
         seed: seed of the samples and of the TARP reference points.
@@ -205,6 +207,7 @@ def evaluate(estimator_or_posterior_fn: Any, dataset, n_samples: int = 1000, bat
     powers = [0.0, 0.0]  # spread and error power per wavenumber, summed over windows
     method = coverage
     done = 0
+    n_asked, n_samples = n_samples, None  # draws per window: the posterior's diagnostic_draws(n_asked)
     with tqdm(total=N, desc="evaluating", unit="window", disable=not progress, leave=False) as bar:
         for i in range(0, N, batch_size):
             b = idx[i:i + batch_size]
@@ -213,6 +216,14 @@ def evaluate(estimator_or_posterior_fn: Any, dataset, n_samples: int = 1000, bat
             t0 = time.perf_counter()
             post = _posterior(fn, y, m, t, B, state_shape, "estimator")
             t1 = time.perf_counter()
+            n = post.diagnostic_draws(n_asked)
+            if n_samples is None:
+                if n < 2:
+                    raise ValueError(f"the posterior gives {n} draw per window for n_samples={n_asked}: need >= 2")
+                n_samples = n
+            elif n != n_samples:
+                raise ValueError(f"the posteriors of the batches give {n_samples} and then {n} draws per window "
+                                 f"(n_samples={n_asked}): ranks among different numbers of draws do not pool")
             samples = post.sample(n_samples, generator=g)
             t2 = time.perf_counter()
             times["posterior"] += t1 - t0
@@ -250,7 +261,7 @@ def evaluate(estimator_or_posterior_fn: Any, dataset, n_samples: int = 1000, bat
             if ref_fn is not None and done < c2st_windows:
                 k = min(c2st_windows - done, B)
                 ref = _posterior(ref_fn, y[:k], m[:k], t[:k], k, state_shape, "reference")
-                n_c = min(c2st_samples, n_samples)
+                n_c = ref.diagnostic_draws(min(c2st_samples, n_samples))  # balanced: as many of each
                 ref_samples = ref.sample(n_c, generator=g_ref)
                 aucs += [c2st(samples[:n_c, j], ref_samples[:, j], seed=seed) for j in range(k)]
                 done += k
