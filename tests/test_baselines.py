@@ -90,6 +90,23 @@ def test_climatology_follows_the_transient():
     assert torch.allclose(A[:, 1].T @ A[:, 1] / 99, C1[0], atol=1e-8)
 
 
+def test_climatology_pools_the_states_of_data_on_the_attractor():
+    """A spin-up (``burn_in > 0``) makes the data stationary: one bin of every state by default, as many as
+    ``stationary=False`` would spread over bins of ``10 D`` states; empirical draws of a small bin are distinct."""
+    task = sbida.tasks.get("lorenz96-sparse", K=8, n_trajectories=6, n_states=64)
+    data = task.simulate(progress=False)
+    assert data.meta["burn_in"] > 0
+    pooled, binned = Climatology.fit(data), Climatology.fit(data, stationary=False)
+    assert len(pooled.times) == 1 and pooled.samples.shape[1] == 6 * 64
+    assert len(binned.times) == math.ceil(64 / math.ceil(80 / 6)) and binned.samples.shape[1] == 6 * 14
+    assert len(Climatology.fit(data, width=8).times) == 8  # an explicit width wins
+    x = data.states.reshape(-1, 8).double()
+    assert torch.allclose(pooled.moments(torch.tensor([3.0]))[1][0], x.T.cov() + 1e-6 * x.var(0).mean() * torch.eye(8))
+    draws = binned.sample(torch.tensor([0.2, 0.4]), 84, torch.Generator().manual_seed(0))  # a whole bin of 84
+    for b in range(2):
+        assert draws[:, b].unique(dim=0).shape[0] == 84
+
+
 def test_fourdvar_analysis_alone_is_the_mean_of_its_laplace_posterior(linear):
     """``uncertainty="none"``: the same L-BFGS analysis as the Gaussian posterior's mean, without its covariance."""
     task, (x, y, m, t), mean, cov, clim = linear
@@ -133,7 +150,7 @@ def test_tune_records_the_inflation():
     data = task.simulate(progress=False, n_trajectories=40, n_states=80)
     train, val = data.split(0.8, 0.2)
     enks = EnKS.from_task(task, members=20).fit(train)
-    grid = (1.0, 1.1, 1.5, 3.0)
+    grid = (1.0, 1.1, 1.3, 3.0)  # (1.5 blows up on some windows: spread 19-146 by the seed of the ensembles)
     info = enks.tune(val, grid=grid, n_windows=32)
     assert info["inflation"] == enks.inflation == grid[min(range(4), key=lambda i: info["rmse"][i])]
     assert info["members"] == 20 and len(info["rmse"]) == len(info["spread"]) == 4

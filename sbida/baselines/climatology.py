@@ -12,6 +12,11 @@ width is the smallest that gives every bin at least ``min_samples`` states (by d
 trajectories each saved time has its own bin and the transient is resolved. A time is served by the bin whose centre
 is nearest; beyond the last bin the statistics are taken as stationary (the last bin's).
 
+Data that start on the attractor (a spin-up: ``burn_in > 0`` in the dataset's ``meta``) are stationary, and by
+default one bin pools all their states: a covariance estimated from :math:`n` states has relative errors of about
+:math:`\sqrt{D / n}`, and bins of :math:`10 D` states gave 4D-Var a background error covariance 30 % off
+(``benchmarks/RESULTS.md``).
+
 Samples at a time are either training states of that bin drawn at random (``"empirical"``, which keeps the
 non-Gaussian shape of the attractor) or Gaussian draws from :math:`(\mu_k, C_k)`; a Gaussian ensemble can be
 *moment matched* (its sample mean and covariance are exactly :math:`\mu_k, C_k`, for ``n > D``).
@@ -69,13 +74,16 @@ class Climatology:
 
     @classmethod
     def fit(cls, dataset, width: int | None = None, min_samples: int | None = None, ridge: float = 1e-6,
-            keep_samples: bool = True) -> Climatology:
+            keep_samples: bool = True, stationary: bool | None = None) -> Climatology:
         """Estimate the binned climatology from a dataset's trajectories.
 
         Args:
             dataset: a :class:`~sbida.data.WindowDataset` (its ``states`` ``(N, S, *state_shape)`` and ``times``).
-            width: saved states per bin; by default the smallest giving ``min_samples`` states per bin.
+            width: saved states per bin; by default all of them where ``stationary``, else the smallest giving
+                ``min_samples`` states per bin.
             min_samples: states wanted per bin (default ``10 D``).
+            stationary: one bin of every state (when ``width`` is not given); default: whether the dataset's
+                trajectories had a spin-up (``dataset.meta["burn_in"] > 0``).
             ridge: relative ridge added to each covariance (times its mean variance).
             keep_samples: keep the states of each bin for empirical draws.
 
@@ -91,7 +99,11 @@ class Climatology:
         if not torch.isfinite(states).all():
             raise ValueError("the dataset's states contain NaN or infinite values")
         min_samples = 10 * D if min_samples is None else int(min_samples)
-        width = max(1, math.ceil(min_samples / N)) if width is None else int(width)
+        if stationary is None:
+            stationary = int((getattr(dataset, "meta", None) or {}).get("burn_in", 0)) > 0
+        if width is None:
+            width = S if stationary else max(1, math.ceil(min_samples / N))
+        width = int(width)
         if width < 1:
             raise ValueError(f"width must be >= 1 saved state, got {width}")
         width = min(width, S)
@@ -132,8 +144,9 @@ class Climatology:
             t: ``(B,)`` times.
             n: draws per time.
             generator: random generator.
-            kind: ``"empirical"`` (training states of the bin, with replacement; needs stored samples) or
-                ``"gaussian"``.
+            kind: ``"empirical"`` (training states of the bin, distinct where the bin holds at most ``100 n``
+                states, else with replacement: fewer than ``n / 200`` repeated pairs expected; needs stored
+                samples) or ``"gaussian"``.
             moment_match: (Gaussian) make the draws' sample mean and covariance exactly the bin's (needs
                 ``n > D``).
             dtype: dtype of the result.
@@ -150,7 +163,11 @@ class Climatology:
         if kind == "empirical":
             if self.samples is None:
                 raise ValueError("this climatology keeps no samples; use kind='gaussian' or fit with keep_samples")
-            j = torch.randint(self.samples.shape[1], (n, B), generator=generator)
+            pool = self.samples.shape[1]
+            if n <= pool <= 100 * n:  # distinct members: n of a random ordering of the bin, per time
+                j = torch.rand(B, pool, generator=generator).topk(n, dim=1).indices.T
+            else:
+                j = torch.randint(pool, (n, B), generator=generator)
             return self.samples[k[None, :], j].to(dtype)
         z = torch.randn(n, B, D, generator=generator, dtype=torch.float64)
         if moment_match:
