@@ -102,7 +102,23 @@ def test_sbc_flags_shift_but_not_exact(gaussian):
     assert not exact.flagged(0.01) and abs(exact.bias) < 0.02 and abs(exact.dispersion - 1) < 0.03
     assert shifted.flagged(0.01) and shifted.bias < -0.2  # the posterior sits above the truth: low ranks
     assert narrow.flagged(0.01) and narrow.dispersion > 1.3  # U-shaped ranks
-    assert exact.ranks.shape == (B, D) and exact.histogram.sum().item() == pytest.approx(B)
+    assert exact.ranks.shape == (B, D)
+    _, per_bin = dg.rank_bins(exact.n_samples, len(exact.histogram))
+    raw = exact.histogram * per_bin * len(per_bin) / (exact.n_samples + 1)  # the counts before the scaling
+    assert raw.sum().item() == pytest.approx(B)
+
+
+def test_sbc_statistics_of_exactly_uniform_ranks():
+    """Every rank value equally often: a flat histogram and dispersion 1 whatever n, also where the n + 1 ranks do
+    not fill 20 bins evenly (n = 100: a bin of 6 ranks, the others of 5; n = 64: 5 bins of 4, 15 of 3)."""
+    for n in (100, 64, 19, 7):
+        ranks = torch.arange(n + 1).repeat(40)[:, None].expand(-1, 3)  # B = 40 (n + 1) windows, D = 3
+        res = dg.SBCResult.from_ranks(ranks, n)
+        assert len(res.histogram) == min(20, n + 1)
+        assert torch.allclose(res.histogram, torch.full_like(res.histogram, len(ranks) / len(res.histogram)))
+        assert abs(res.bias) < 1e-12 and res.dispersion == pytest.approx(1.0, abs=2e-3)
+        assert n < 64 or not res.flagged()  # (sbi's KS test of discrete ranks against the continuous uniform
+        # rejects these at n = 7: p = 8e-5)
 
 
 def test_sbc_ranks_and_pvalues_match_sbi(gaussian):

@@ -18,7 +18,7 @@ from .coverage import (
 )
 from .evaluate import EvaluationResult, as_posterior_fn, evaluate
 from .inference_data import to_inference_data
-from .sbc import SBCResult, sbc, sbc_ranks
+from .sbc import SBCResult, rank_bins, sbc, sbc_ranks
 from .scores import (
     climatological_std,
     crps,
@@ -34,7 +34,7 @@ from .tarp import TARPResult, tarp, tarp_credibility, tarp_curve, tarp_reference
 __all__ = [
     "CoverageResult", "expected_coverage", "coverage_curve", "coverage_noise", "default_levels", "hpd_credibility",
     "distance_credibility", "central_credibility", "scaled_gaussian_coverage",
-    "SBCResult", "sbc", "sbc_ranks",
+    "SBCResult", "sbc", "sbc_ranks", "rank_bins",
     "TARPResult", "tarp", "tarp_credibility", "tarp_curve", "tarp_references",
     "c2st",
     "rmse", "nrmse", "climatological_std", "crps", "energy_score", "spread", "spread_skill",

@@ -6,9 +6,14 @@ For window :math:`b` and variable :math:`d`, the rank of the truth among ``n`` p
 
 uniform on :math:`\{0, \dots, n\}` when the posterior is calibrated (Talts et al., 2018). Uniformity is tested per
 variable with the Kolmogorov-Smirnov test of sbi (``check_uniformity_frequentist``); the variables' p-values are
-combined with the Bonferroni bound :math:`p = \min(1, D \min_d p_d)`. The mean of :math:`u = r / n - \tfrac12`
-shows bias (positive: the posterior sits below the truth) and its standard deviation against
-:math:`1/\sqrt{12}` shows dispersion (larger: over-confident, a U-shaped histogram).
+combined with the Bonferroni bound :math:`p = \min(1, D \min_d p_d)`. With :math:`u = (r + \tfrac12) / (n + 1)`,
+the mean of :math:`u - \tfrac12` shows bias (positive: the posterior sits below the truth) and its standard deviation
+against that of uniform ranks, :math:`\sqrt{(1 - (n + 1)^{-2}) / 12}`, shows dispersion (larger: over-confident, a
+U-shaped histogram); both are exactly 0 and 1 in expectation for a calibrated posterior, whatever :math:`n`.
+
+The histogram bins the :math:`n + 1` possible ranks; a bin holds a whole number :math:`k_j` of them, so where
+:math:`n + 1` is not a multiple of the bin count, bins hold unequal numbers of ranks, and each bin's count is scaled
+by :math:`(n + 1) / (\text{bins}\, k_j)`: flat at :math:`N / \text{bins}` for a calibrated posterior.
 
 The ranks are computed with one tensor comparison over all windows and variables (sbi's ``run_sbc`` loops over
 windows in Python; the test suite checks that both give the same ranks).
@@ -25,7 +30,20 @@ from torch import Tensor
 from ..posterior import Posterior
 from ._checks import check_samples, check_truth, draw, flat
 
-__all__ = ["SBCResult", "sbc", "sbc_ranks"]
+__all__ = ["SBCResult", "rank_bins", "sbc", "sbc_ranks"]
+
+
+def rank_bins(n_samples: int, bins: int) -> tuple[Tensor, Tensor]:
+    """The bins of the ``n + 1`` possible ranks among ``n`` samples (by ``(r + 1/2) / (n + 1)`` in ``[0, 1]``).
+
+    Returns:
+        ``(bin of each rank (n + 1,), number of ranks in each bin (bins,))``, both long; ``bins <= n + 1``.
+    """
+    if not 1 <= bins <= n_samples + 1:
+        raise ValueError(f"need 1 <= bins <= n + 1 = {n_samples + 1}, got {bins}")
+    r = torch.arange(n_samples + 1, dtype=torch.float64)
+    which = ((r + 0.5) / (n_samples + 1) * bins).floor().long().clamp(max=bins - 1)
+    return which, torch.bincount(which, minlength=bins)
 
 
 def sbc_ranks(samples: Tensor, truth: Tensor) -> Tensor:
@@ -52,11 +70,12 @@ class SBCResult:
         n_windows: number of windows.
         ks_pvalues: ``(D,)`` Kolmogorov-Smirnov p-values of uniformity, one per variable.
         p_value: Bonferroni-combined p-value ``min(1, D min_d p_d)``.
-        bias: mean of ``rank / n - 1/2`` over windows and variables (0 when calibrated).
-        dispersion: standard deviation of ``rank / n`` divided by ``1/sqrt(12)`` (1 when calibrated, above 1 for
-            over-confident posteriors).
-        histogram: ``(bins,)`` counts of ``rank / (n + 1)`` pooled over variables and divided by ``D`` (the
-            average histogram of one variable).
+        bias: mean of ``(rank + 1/2) / (n + 1) - 1/2`` over windows and variables (0 when calibrated).
+        dispersion: standard deviation of ``(rank + 1/2) / (n + 1)`` over that of uniform ranks (1 when calibrated,
+            above 1 for over-confident posteriors).
+        histogram: ``(bins,)`` counts of the ranks (:func:`rank_bins`) pooled over variables and divided by ``D``
+            (the average histogram of one variable), each scaled to ``(n + 1) / bins`` ranks per bin: ``N / bins``
+            expected in every bin when calibrated. ``bins`` is at most ``n + 1``.
         ranks: ``(B, D)`` ranks (not serialized).
     """
 
@@ -84,10 +103,13 @@ class SBCResult:
             raise ValueError(f"ranks must lie in 0..{n_samples}, got values in {int(ranks.min())}..{int(ranks.max())}")
         D = ranks.shape[1]
         pvals = check_uniformity_frequentist(ranks.double(), n_samples).double()
-        u = ranks.double() / n_samples
-        hist = torch.histc((ranks.double() + 0.5) / (n_samples + 1), bins=bins, min=0.0, max=1.0) / D
+        u = (ranks.double() + 0.5) / (n_samples + 1)
+        uniform_std = math.sqrt((1 - (n_samples + 1) ** -2) / 12)
+        which, per_bin = rank_bins(n_samples, min(bins, n_samples + 1))
+        counts = torch.bincount(which[ranks.flatten().long()], minlength=len(per_bin)).double() / D
+        hist = counts * (n_samples + 1) / (len(per_bin) * per_bin.double())
         return cls(int(n_samples), int(ranks.shape[0]), pvals, float(min(1.0, D * float(pvals.min()))),
-                   float(u.mean() - 0.5), float(u.std() * math.sqrt(12)), hist, ranks)
+                   float(u.mean() - 0.5), float(u.std() / uniform_std), hist, ranks)
 
     def to_dict(self) -> dict:
         """A JSON-ready dictionary (without the ranks)."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..diagnostics.coverage import CoverageResult
-from ..diagnostics.sbc import SBCResult
+from ..diagnostics.sbc import SBCResult, rank_bins
 from ..diagnostics.tarp import TARPResult
 
 if TYPE_CHECKING:  # matplotlib and scipy.stats are imported when a figure is drawn (they are slow to import)
@@ -104,8 +104,10 @@ def plot_sbc(result: SBCResult | Mapping[str, SBCResult], kind: str = "ecdf", ax
              band: float = 0.95) -> Figure:
     """SBC ranks: the ECDF difference (ECDF of ``rank / (n + 1)`` minus the uniform CDF) or the rank histogram.
 
-    The histogram is the average over variables of one variable's histogram; the band is that of one variable
-    (``N`` windows): ``Binomial(N, 1/bins)`` counts for the histogram, ``Binomial(N, u) / N - u`` for the ECDF.
+    The histogram is the average over variables of one variable's histogram (each bin scaled to ``(n + 1) / bins``
+    of the ``n + 1`` possible ranks, :attr:`~sbida.diagnostics.SBCResult.histogram`), drawn over the ranks it holds;
+    the ECDF is that of the ranks at the bins' edges. The band is that of one variable (``N`` windows):
+    ``Binomial(N, 1/bins)`` counts for the histogram, ``Binomial(N, u) / N - u`` for the ECDF.
 
     Args:
         result: an :class:`~sbida.diagnostics.SBCResult` or a mapping ``name -> result``.
@@ -122,7 +124,12 @@ def plot_sbc(result: SBCResult | Mapping[str, SBCResult], kind: str = "ecdf", ax
     fig, (ax,) = _axes(ax, size=(5.0, 3.6))
     first = next(iter(named.values()))
     N, bins = first.n_windows, len(first.histogram)
-    edges = np.linspace(0.0, 1.0, bins + 1)
+
+    def edges_and_counts(r: SBCResult) -> tuple[np.ndarray, np.ndarray]:
+        """The bins' edges in ``[0, 1]`` (the share of the ``n + 1`` ranks below them) and their raw counts."""
+        _, per_bin = rank_bins(r.n_samples, len(r.histogram))
+        k = per_bin.double().numpy()
+        return np.concatenate([[0.0], np.cumsum(k)]) / k.sum(), r.histogram.numpy() * k * len(k) / k.sum()
     if kind == "hist":
         if band > 0:
             lo, hi = binomial_band(np.full(2, 1 / bins), N, band)
@@ -130,7 +137,8 @@ def plot_sbc(result: SBCResult | Mapping[str, SBCResult], kind: str = "ecdf", ax
             ax.axhspan(lo, hi, color="0.85", label=f"{band:.0%} band")
         ax.axhline(N / bins, color="k", lw=0.8, ls="--")
         for name, r in named.items():
-            ax.stairs(r.histogram.numpy(), edges, label=f"{name + ' ' if name else ''}(p = {r.p_value:.2g})")
+            ax.stairs(r.histogram.numpy(), edges_and_counts(r)[0],
+                      label=f"{name + ' ' if name else ''}(p = {r.p_value:.2g})")
         ax.set(xlabel="normalized rank", ylabel="windows per bin", xlim=(0, 1))
     else:
         if band > 0:
@@ -139,7 +147,7 @@ def plot_sbc(result: SBCResult | Mapping[str, SBCResult], kind: str = "ecdf", ax
             ax.fill_between(grid, lo - grid, hi - grid, color="0.85", label=f"{band:.0%} band")
         ax.axhline(0, color="k", lw=0.8, ls="--")
         for name, r in named.items():
-            h = r.histogram.numpy()
+            edges, h = edges_and_counts(r)
             ecdf = np.concatenate([[0.0], np.cumsum(h) / max(h.sum(), 1e-12)])
             ax.plot(edges, ecdf - edges, marker="o", ms=2, label=f"{name + ' ' if name else ''}(p = {r.p_value:.2g})")
         ax.set(xlabel="normalized rank", ylabel="ECDF - uniform", xlim=(0, 1))
