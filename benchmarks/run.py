@@ -229,9 +229,10 @@ def reference_for(task, test, cache: str | Path | None, mode: str = "full", prog
     sim = task.simulator
     if hasattr(sim, "exact_posterior"):
         offsets, every = test.window.offsets(), int(test.meta.get("every", task.config.data.save_every))
+        burn_in = int(test.meta.get("burn_in", 0))
 
         def exact(y, mask, t):
-            mean, cov = sim.exact_posterior(y, mask, t, task.observation, offsets, every)
+            mean, cov = sim.exact_posterior(y, mask, t, task.observation, offsets, every, burn_in)
             return GaussianPosterior(mean.to(y.dtype), cov=cov.to(y.dtype))
 
         return exact, "exact (Kalman)"

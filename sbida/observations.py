@@ -264,8 +264,8 @@ class Stations(_Separable):
     def _axis_matrix(self, n: int) -> Tensor:
         pos = self.positions(n)
         d = torch.arange(-self.radius, self.radius + 1)
-        w = torch.exp(-0.5 * (d / self.kernel_width) ** 2) if self.kernel_width > 0 else (d == 0).double()
-        w = (w / w.sum()).to(torch.float64)
+        w = torch.exp(-0.5 * (d.double() / self.kernel_width) ** 2) if self.kernel_width > 0 else (d == 0).double()
+        w = w / w.sum()  # float64: rows summing to 1 to rounding
         H = torch.zeros(len(pos), n, dtype=torch.float64)
         H.index_put_((torch.arange(len(pos))[:, None].expand(-1, len(d)), (pos[:, None] + d) % n),
                      w.expand(len(pos), -1), accumulate=True)

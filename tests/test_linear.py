@@ -4,6 +4,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
+import sbida
 from sbida.observations import RandomMask, Stations
 from sbida.simulators import LinearGaussian
 
@@ -87,3 +88,19 @@ def test_bad_input():
     y, m = obs.sample(torch.randn(2, 10, 32))
     with pytest.raises(ValueError, match="before"):
         lg.exact_posterior(y, m, torch.tensor([3.0, 20.0]), obs, list(range(-9, 1)))
+
+
+def test_exact_posterior_after_a_burn_in():
+    """A dataset with a spin-up starts its clock at its first saved state: ``burn_in`` (from its meta) propagates the
+    prior of ``x_0`` over it. Mean squared whitened error 31.9 of 32 with it, 28.1 without (too wide a prior)."""
+    task = sbida.tasks.get("linear-gaussian", n_trajectories=64, burn_in=5)
+    data = task.simulate(progress=False)
+    x, y, m, t = data.get(torch.arange(0, len(data), 7))
+    q = {}
+    for b in (data.meta["burn_in"], 0):
+        mean, cov = task.simulator.exact_posterior(y, m, t, task.observation, data.window.offsets(),
+                                                   data.meta["every"], burn_in=b)
+        q[b] = whitened(x.double(), mean, cov).pow(2).sum(-1).mean().item()
+    assert abs(q[5] - 32) < 1.5 and q[0] < 30, q
+    with pytest.raises(ValueError, match="burn_in"):
+        task.simulator.exact_posterior(y, m, t, task.observation, data.window.offsets(), burn_in=-1)

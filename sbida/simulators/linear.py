@@ -89,25 +89,28 @@ class LinearGaussian(Simulator):
         return torch.zeros(self.K, dtype=torch.float64, device=As.device), As @ self.prior_cov @ As.T
 
     def exact_posterior(self, y: Tensor, mask: Tensor, t: Tensor, obs, offsets: Sequence[int], every: int = 1,
-                        t0: float = 0.0) -> tuple[Tensor, Tensor]:
+                        burn_in: int = 0) -> tuple[Tensor, Tensor]:
         """Exact posterior of the target state of windows of observations.
 
         Args:
             y: observations ``(B, T, *obs_shape)``, zeros where missing.
             mask: boolean mask ``(B, T, *obs_shape)``.
-            t: times of the targets ``(B,)``, measured from the draw of ``x_0`` (plus ``t0``).
+            t: times of the targets ``(B,)``, on the dataset's clock (``t = 0`` at its first saved state).
             obs: the (linear) observation model that made ``y``.
             offsets: the window's times relative to the target, in saved states (``T`` integers, increasing).
             every: simulator steps per saved state.
-            t0: time of ``x_0`` (nonzero when the dataset's clock started after a burn-in).
+            burn_in: simulator steps run from the draw of ``x_0`` before the first saved state (the dataset's
+                ``meta["burn_in"]``): the prior of a window's start is that of ``x_0`` propagated by them too.
 
         Returns:
             Mean ``(B, K)`` and covariance ``(B, K, K)`` in float64.
         """
-        steps = torch.round((torch.as_tensor(t, dtype=torch.float64) - t0) / self.dt).long()
+        if int(burn_in) != burn_in or burn_in < 0:
+            raise ValueError(f"burn_in must be an integer >= 0, got {burn_in}")
+        steps = torch.round(torch.as_tensor(t, dtype=torch.float64) / self.dt).long() + int(burn_in)
         start = steps + offsets[0] * every
         if (start < 0).any():
-            raise ValueError("a window starts before x_0 was drawn; check t, t0 and the offsets")
+            raise ValueError("a window starts before x_0 was drawn; check t, burn_in and the offsets")
         H = obs.matrix(dtype=torch.float64, device=y.device)
         mean = torch.empty(y.shape[0], self.K, dtype=torch.float64, device=y.device)
         cov = torch.empty(y.shape[0], self.K, self.K, dtype=torch.float64, device=y.device)
