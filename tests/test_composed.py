@@ -250,6 +250,14 @@ def test_residual_weight_scales_the_networks_part_of_the_composition():
     d = xs.reshape(n, B, -1) - mu * mc
     exact = sigma * torch.linalg.solve(A, d.transpose(0, 1).mT).mT.transpose(0, 1)
     torch.testing.assert_close(eps[0.0].reshape(n, B, -1), exact, atol=1e-4, rtol=1e-4)
+    # so at weight 0 the posterior is that closed form, drawn exactly (not diffused), with its density
+    est.hparams["residual_weight"] = 0.0
+    direct = est.posterior(y, m, t)
+    assert isinstance(direct, sbida.posterior.GaussianPosterior) and direct.has_log_prob
+    assert torch.equal(direct.mean(), post.mean()) and torch.equal(direct.covariance(), post.covariance())
+    assert isinstance(est.posterior(y, m, t, calibrated=False), sbida.posterior.GaussianPosterior)
+    est.hparams["residual_weight"] = 0.5
+    assert isinstance(est.posterior(y, m, t, steps=2, corrections=0), sbida.posterior.SamplerPosterior)
 
 
 def test_fit_residual_weight_finds_the_calibrated_weight(monkeypatch):
@@ -326,6 +334,9 @@ def tiny():
     for mode in ("composed", "guided"):
         ests[mode] = ComposedScore(task, mode=mode, **SMALL)
         ests[mode].fit(train, val, epochs=1, steps_per_epoch=2, progress=False)
+        # the tests here are of the diffusion sampler: weight 1 (at weight 0 the posterior is the closed form)
+        ests[mode].fitted_weight = ests[mode].hparams["residual_weight"]
+        ests[mode].hparams["residual_weight"] = 1.0
     return task, train, val, ests
 
 
@@ -673,5 +684,5 @@ def test_posterior_mode_setting_and_errors(tiny):
         plain.posterior(y, m, t).sample(2)
     # fit() ended with the weight's fit on its validation windows
     rec = est.residual_weight_record
-    assert rec["weight"] == est.hparams["residual_weight"] and rec["weight"] in rec["grid"]
+    assert rec["weight"] == est.fitted_weight and rec["weight"] in rec["grid"]
     assert rec["windows"] == min(64, len(val)) and rec["criterion"] == "coverage"
