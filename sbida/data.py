@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from .observations import ObservationModel
 from .simulators.base import Simulator
 
-__all__ = ["Window", "WindowDataset", "H5Array", "simulate_windows", "simulate_shards", "simulate_trajectories"]
+__all__ = ["Window", "WindowDataset", "H5Array", "simulate_windows", "simulate_shards", "shard_seed",
+           "simulate_trajectories"]
 
 FORMAT_VERSION = 1
 
@@ -148,9 +149,18 @@ def simulate_windows(simulator: Simulator, observation: ObservationModel, window
                          meta=meta)
 
 
+def shard_seed(seed: int, k: int) -> int:
+    """The seed of shard ``k`` of a dataset of seed ``seed``: a 63-bit number drawn from ``(seed, k)``
+    (``numpy.random.SeedSequence``), so that no shard repeats a dataset simulated with a small seed of its own (with
+    ``seed + k``, a test set of seed 1 was shard 1 of the training set of seed 0, trajectory for trajectory)."""
+    state = np.random.SeedSequence([int(seed), int(k)]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) & (2**63 - 1)
+
+
 def simulate_shards(simulator: Simulator, observation: ObservationModel, directory: str | Path, shards: int,
                     n_trajectories: int, seed: int = 0, progress: bool = True, **kwargs: Any) -> list[Path]:
-    """Simulate a dataset in ``shards`` files, shard ``k`` with seed ``seed + k``, and write them to ``directory``.
+    """Simulate a dataset in ``shards`` files, shard ``k`` with seed :func:`shard_seed` ``(seed, k)``, and write them
+    to ``directory``.
 
     Open the files as one dataset with ``WindowDataset.open(paths)``; trajectory identifiers run on from shard to
     shard. Each shard is in memory only while it is simulated and written.
@@ -160,7 +170,7 @@ def simulate_shards(simulator: Simulator, observation: ObservationModel, directo
         directory: folder of the files ``shard-00000.h5``, ``shard-00001.h5``...
         shards: number of shards (``1 <= shards <= n_trajectories``).
         n_trajectories: trajectories in all, shared as evenly as possible.
-        seed: seed of the first shard.
+        seed: the dataset's seed (each shard's is drawn from it and the shard's number).
         progress: show a progress bar over the shards.
         kwargs: other arguments of :func:`simulate_windows` (``window``, ``states``, ``every``, ``config``...).
 
@@ -173,8 +183,8 @@ def simulate_shards(simulator: Simulator, observation: ObservationModel, directo
     sizes = [n_trajectories // shards + (k < n_trajectories % shards) for k in range(shards)]
     paths, first = [], 0
     for k in tqdm(range(shards), desc="shards", unit="shard", disable=not progress, leave=False):
-        data = simulate_windows(simulator, observation, n_trajectories=sizes[k], seed=seed + k, progress=False,
-                                first_id=first, **kwargs)
+        data = simulate_windows(simulator, observation, n_trajectories=sizes[k], seed=shard_seed(seed, k),
+                                progress=False, first_id=first, **kwargs)
         paths.append(data.save(directory / f"shard-{k:05d}.h5"))
         first += sizes[k]
     return paths

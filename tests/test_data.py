@@ -164,7 +164,7 @@ def test_streamed_dataset_holds_no_arrays(tmp_path):
 
 
 def test_shards_opened_as_one_are_their_union(tmp_path):
-    from sbida.data import simulate_shards
+    from sbida.data import shard_seed, simulate_shards
 
     sim = Lorenz96(K=16, dt=0.05)
     obs = Stations(every=4, kernel_width=0.8, radius=2, sigma=0.5)
@@ -172,10 +172,12 @@ def test_shards_opened_as_one_are_their_union(tmp_path):
                             states=30, progress=False, config={"name": "small"})
     assert [p.name for p in paths] == ["shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
     parts = [WindowDataset.load(p) for p in paths]
-    assert [p.n_trajectories for p in parts] == [3, 3, 2] and [p.meta["seed"] for p in parts] == [5, 6, 7]
+    seeds = [shard_seed(5, k) for k in range(3)]
+    assert [p.n_trajectories for p in parts] == [3, 3, 2] and [p.meta["seed"] for p in parts] == seeds
+    assert len(set(seeds)) == 3 and min(seeds) > 2**32 and seeds[0] == shard_seed(5, 0) != shard_seed(6, 0)
     one = WindowDataset.open(paths)
     union = WindowDataset.concat(parts)
-    assert one.streamed and not union.streamed and one.n_trajectories == 8 and one.meta["seed"] == [5, 6, 7]
+    assert one.streamed and not union.streamed and one.n_trajectories == 8 and one.meta["seed"] == seeds
     assert torch.equal(one.trajectory_ids, torch.arange(8)) and torch.equal(union.trajectory_ids, torch.arange(8))
     assert _same(one.tensors(), union.tensors()) and one.fingerprint() == union.fingerprint()
     # the union is the trajectories of the parts, in order: window i of part 1 is window (3 * per + i) of the union

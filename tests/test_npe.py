@@ -3,6 +3,7 @@
 import math
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -918,3 +919,21 @@ def test_config_file_matches_the_code():
     import inspect
     params = inspect.signature(Estimator.fit).parameters
     assert set(cfg["fit"]) <= set(params)
+
+
+def test_atomic_save_keeps_the_former_file_when_a_write_is_cut(tmp_path, monkeypatch):
+    """A fit's training state is rewritten after every epoch; a process killed while writing leaves the former one."""
+    from sbida.estimators.base import atomic_save
+
+    path = tmp_path / "state.pt"
+    atomic_save({"a": torch.ones(2)}, path)
+
+    def cut(obj, f):
+        Path(f).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", cut)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"a": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -49,6 +50,15 @@ class Batch(NamedTuple):
     y: Tensor
     mask: Tensor
     t: Tensor
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then renamed over it: a process killed while writing leaves
+    the former file whole (a fit's training state is written after every epoch, and long fits are stopped at any
+    time)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def _masked_stats(v: Tensor, m: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -121,7 +131,7 @@ class Estimator(nn.Module):
         self.register_buffer("t_stats", torch.tensor([0.0, 1.0]))
         self.register_buffer("fitted", torch.tensor(False))
         self.event_size = D
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # manual_seed seeds every GPU too
             torch.manual_seed(int(self.hparams["seed"]))
             self.build()
 
@@ -147,6 +157,15 @@ class Estimator(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.x_mean.device
+
+    def _rng_devices(self) -> list[torch.device]:
+        """The accelerator whose random state a seeded block forks beside the CPU's (``torch.manual_seed`` seeds
+        it too): none on the CPU."""
+        return [] if self.device.type == "cpu" else [self.device]
+
+    def _device_rng_state(self) -> Tensor | None:
+        """The random state of this rank's accelerator (``None`` on the CPU), kept in a fit's training state."""
+        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -245,7 +264,7 @@ class Estimator(nn.Module):
         was = self.training
         self.eval()
         total, count = 0.0, 0
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(seed)
             for i in range(rank * batch_size, n, batch_size * world):
                 j = idx[i:i + batch_size]
@@ -336,7 +355,7 @@ class Estimator(nn.Module):
         start_epoch, best, best_state, bad, elapsed0 = 0, math.inf, None, 0, 0.0
         checkpoint = Path(checkpoint) if checkpoint is not None else None
 
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=self._rng_devices()):
             # every rank draws its own noise for stochastic losses (rank 0 the noise of a single process)
             torch.manual_seed(seed if rank == 0 else seed + 7919 * rank)
             ck = None
@@ -357,6 +376,10 @@ class Estimator(nn.Module):
                 ranks_rng = ck.get("rng_ranks")
                 torch.set_rng_state(ranks_rng[rank] if ranks_rng is not None and len(ranks_rng) == world
                                     else ck["rng"])
+                dev = ck.get("device_rng_ranks")
+                dev = dev[rank] if dev is not None and len(dev) == world else ck.get("device_rng")
+                if dev is not None and self.device.type == "cuda":
+                    torch.cuda.set_rng_state(dev.cpu(), self.device)
                 elapsed0 = history["time"][-1] if history["time"] else 0.0
             elif not bool(self.fitted):
                 self.fit_standardization(train, seed=seed)
@@ -426,17 +449,21 @@ class Estimator(nn.Module):
                     bar.update(100.0 * budget_used(epoch * steps + count) - bar.n)
                 bar.set_postfix(epoch=epoch, train=f"{train_loss:.4g}", val=f"{val_loss:.4g}", best=f"{best:.4g}")
                 if checkpoint is not None:
-                    rngs = None
+                    rngs, dev_rngs, dev_rng = None, None, self._device_rng_state()
                     if world > 1:
-                        rngs = [None] * world
+                        rngs, dev_rngs = [None] * world, [None] * world
                         torch.distributed.all_gather_object(rngs, torch.get_rng_state())
+                        torch.distributed.all_gather_object(dev_rngs, dev_rng)
                     if rank == 0:
                         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                        torch.save({"model": self.state_dict(), "optimizer": opt.state_dict(),
+                        atomic_save({"model": self.state_dict(), "optimizer": opt.state_dict(),
                                     "scheduler": sched.state_dict(), "history": history, "best_val": best,
                                     "bad_epochs": bad, "best": best_state, "epoch": epoch,
                                     "order_rng": order.get_state(), "rng": torch.get_rng_state(),
-                                    "config": self.config(), **({"rng_ranks": rngs} if rngs else {})}, checkpoint)
+                                    "config": self.config(), **({"rng_ranks": rngs} if rngs else {}),
+                                    **({"device_rng": dev_rng} if dev_rng is not None else {}),
+                                    **({"device_rng_ranks": dev_rngs} if dev_rng is not None and dev_rngs else {})},
+                                   checkpoint)
                 if callback is not None and callback(epoch, history):
                     stop = True
                 if world > 1:  # the ranks stop together (clocks and callbacks may disagree)
@@ -566,7 +593,7 @@ class Estimator(nn.Module):
         """Write the weights, standardization and configuration to one file (read with :func:`load`)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"config": self.config(), "state_dict": self.state_dict()}, path)
+        atomic_save({"config": self.config(), "state_dict": self.state_dict()}, path)
         return path
 
     @classmethod
