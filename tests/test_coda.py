@@ -283,6 +283,23 @@ def test_learned_closure_improves_the_forecast():
     assert b[0] > 0 > b[2]  # the mean coupling pushes X back towards ~0: positive for X < 0, negative for large X
 
 
+def test_laplace_posterior_with_a_learned_closure():
+    """The Laplace posterior and its calibration run the dynamics in float64: a closure's float32 weights are cast
+    on a copy (they made both fail), and the closure gets no weight decay."""
+    task = sbida.tasks.get("lorenz96-two-scale", n_trajectories=6, n_states=80)
+    train, val = task.simulate(progress=False).split(0.5, 0.5)
+    est = CODA(task, channels=[8], rollout=4, closure={"hidden": 8, "layers": 1})
+    est.fit(train, val, epochs=1, batch_size=8, steps_per_epoch=2, progress=False)  # ends with calibrate_laplace
+    assert 1e-3 <= float(est.laplace_scale) <= 1e3
+    assert next(est.dynamics.closure.parameters()).dtype == torch.float32  # the model's own closure untouched
+    _, y, m, t = val.get(torch.arange(3))
+    post = est.posterior(y, m, t)
+    assert post.sample(4).shape == (4, 3, *est.state_shape) and torch.isfinite(post.sample(4)).all()
+    closure = {id(p) for p in est.dynamics.closure.parameters()}
+    groups = [g for g in est.param_groups(1e-3, 1e-4) if {id(p) for p in g["params"]} == closure]
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
+
+
 def test_config_file_matches_the_code():
     import inspect
 

@@ -50,6 +50,7 @@ from .coda_parts import (
     LocalClosure,
     coda_loss,
     gauss_newton_posterior,
+    in_dtype,
     observation_jacobians,
     rollout_outputs,
 )
@@ -197,8 +198,8 @@ class CODA(Estimator):
         tuned = [p for n, p in self.dynamics.named_parameters(recurse=False)]
         closure = list(self.dynamics.closure.parameters()) if getattr(self.dynamics, "closure", None) else []
         groups = [{"params": list(self.net.parameters())}]
-        if closure:
-            groups.append({"params": closure})
+        if closure:  # a part of the model, like the tuned parameters: no weight decay pulling it to zero
+            groups.append({"params": closure, "weight_decay": 0.0})
         if tuned:
             groups.append({"params": tuned, "lr": self.hparams["param_lr"], "weight_decay": 0.0})
         return groups
@@ -278,8 +279,9 @@ class CODA(Estimator):
             x = self.analysis(batch.y, batch.mask).to(torch.float64)
             tril = self._laplace_tril(x, batch.mask)  # (B, D, D)
             after = list(range(last + 1, last + n + 1))
-            J = observation_jacobians(self.dynamics, self.observation_model, x, after, self.hparams["every"])
-            pred = rollout_outputs(self.dynamics, x, last + n, self.hparams["every"], check=False)[:, after]
+            dynamics = in_dtype(self.dynamics, x.dtype)
+            J = observation_jacobians(dynamics, self.observation_model, x, after, self.hparams["every"])
+            pred = rollout_outputs(dynamics, x, last + n, self.hparams["every"], check=False)[:, after]
             d = (yr[:, after].to(x.dtype) - self.observation_model.apply(pred)).flatten(2)  # (B, n, M)
             m = mr[:, after].flatten(2) & torch.isfinite(J).all(-1) & torch.isfinite(d)
             if not bool(m.any()):

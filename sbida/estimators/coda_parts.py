@@ -154,6 +154,14 @@ def time_reversed(simulator: Simulator) -> Simulator:
     return back
 
 
+def in_dtype(simulator: Simulator, dtype: torch.dtype) -> Simulator:
+    """``simulator``, or a copy of it in ``dtype`` where it holds floating tensors of another (a learned closure's
+    float32 weights cannot take the float64 states of the Laplace posterior)."""
+    if all(t.dtype == dtype for t in (*simulator.parameters(), *simulator.buffers()) if t.is_floating_point()):
+        return simulator
+    return copy.deepcopy(simulator).to(dtype)
+
+
 def observation_jacobians(simulator: Simulator, observation: ObservationModel, x: Tensor, lags: list[int],
                           every: int) -> Tensor:
     r"""Jacobians :math:`J_i = \partial\, H\,\mathcal{M}^{(l_i)}(x) / \partial x` of the noiseless observations
@@ -169,6 +177,7 @@ def observation_jacobians(simulator: Simulator, observation: ObservationModel, x
         is kept, whatever the grad mode and the simulator's parameters).
     """
     fw, bw = max([0] + list(lags)), max([0] + [-lag for lag in lags])
+    simulator = in_dtype(simulator, x.dtype)
     back = time_reversed(simulator) if bw else None
 
     def outputs(z: Tensor) -> Tensor:  # (D,) -> (L, M)
