@@ -282,6 +282,24 @@ def _estimator_settings(cfg: RunConfig, label: str) -> tuple[type, dict[str, Any
     return cls, hp, fit
 
 
+def _jsonable(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples as lists, other objects as their text)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _differing_keys(stored: Any, current: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested configurations (as JSON); keys of ``current`` missing
+    from ``stored`` are not counted (configurations written before the key existed)."""
+    stored, current = _jsonable(stored), _jsonable(current)
+    if not isinstance(stored, dict) or not isinstance(current, dict):
+        return [] if stored == current else [prefix.rstrip(".") or "(all)"]
+    out = []
+    for key, value in current.items():
+        if key in stored:
+            out += _differing_keys(stored[key], value, f"{prefix}{key}.")
+    return out
+
+
 class Run:
     """A run folder and its stages: :meth:`simulate`, :meth:`train`, :meth:`evaluate`, :meth:`report`.
 
@@ -337,6 +355,11 @@ class Run:
         if self.config.dataset or (self.data_path.exists() and not force):
             self._data = WindowDataset.load(self.data_path)
             self.log(f"dataset {self.data_path}: {len(self._data)} windows")
+            differ = _differing_keys(self._data.config, self.task.to_dict())
+            if not self.config.dataset and differ:
+                self.log(f"warning: {self.data_path} was simulated with another task configuration "
+                         f"({', '.join(differ)} differ from the run's): its windows are used as they are; delete the "
+                         "file, or give another run folder, to simulate the run's task")
         else:
             self.log(self.task.summary())
             t0 = time.perf_counter()
@@ -359,10 +382,13 @@ class Run:
         record = json.loads(record_path.read_text()) if record_path.exists() and not force else {}
         for label in self.config.estimators:
             ckpt = self.path(f"checkpoints/{label}.pt")
-            if ckpt.exists() and label in record and not force:
-                self.log(f"{label}: trained already ({ckpt})")
-                continue
             cls, hp, fit = _estimator_settings(self.config, label)
+            requested = _jsonable({"kind": cls.__name__, "estimator": hp, "fit": fit})
+            if ckpt.exists() and label in record and not force:
+                if record[label].get("requested", requested) == requested:
+                    self.log(f"{label}: trained already ({ckpt})")
+                    continue
+                self.log(f"{label}: its estimator or fit settings changed since {ckpt} was trained: training again")
             est = cls(self.task, **hp)
             self.log(f"{label}: training {cls.__name__} on {len(train)} windows ({fit})")
             fit_state = self.path(f"checkpoints/{label}.fit.pt")
@@ -378,7 +404,7 @@ class Run:
                 self.log(f"{label}: {line}")
             best = min(history["val_loss"]) if history["val_loss"] else None
             record[label] = {"kind": cls.__name__, "seconds": seconds, "epochs": len(history["epoch"]),
-                             "best_val_loss": best, "history": history}
+                             "best_val_loss": best, "history": history, "requested": requested}
             if calibration:
                 record[label]["calibration"] = calibration
             self.log(f"{label}: {len(history['epoch'])} epochs in {seconds:.1f} s, best validation loss {best}")

@@ -407,8 +407,13 @@ def test_composed_score_has_a_row_of_its_closed_form(tmp_path):
     assert set(rows) == {"composed", "composed-gaussian", "oi"}
     assert rows["composed-gaussian"]["type"] == "estimator"
     assert rows["composed-gaussian"]["training_seconds"] == rows["composed"]["training_seconds"] > 0
-    assert rows["composed-gaussian"]["coverage_method"] == "hpd" and rows["composed"]["coverage_method"] == "distance"
     assert math.isfinite(rows["composed-gaussian"]["rmse"]) and rows["composed-gaussian"]["c2st_auc"] is not None
     training = json.loads((tmp_path / "training.json").read_text())
     assert training["composed"]["calibration"]["gaussian"]["scale"] > 0
+    # the sampler is the closed form itself where the residual weight is fitted to 0, else a diffusion (no density)
+    weight = training["composed"]["calibration"]["residual_weight"]["weight"]
+    assert rows["composed-gaussian"]["coverage_method"] == "hpd"
+    assert rows["composed"]["coverage_method"] == ("hpd" if weight == 0 else "distance"), weight
+    if weight == 0:
+        assert rows["composed"]["rmse"] == rows["composed-gaussian"]["rmse"]
     assert "composed-gaussian" in (tmp_path / "report.html").read_text()

@@ -234,6 +234,25 @@ def test_a_change_of_sampler_settings_resumes_the_training_and_a_change_of_netwo
     assert not run._resumable(state, cls(run.task, **hp), {**fit, "epochs": 2})
 
 
+def test_a_run_folder_reused_with_other_settings_says_so_and_trains_again(tmp_path):
+    """Data simulated for another task configuration are flagged in the log; a trained estimator whose settings have
+    changed is trained again, one whose settings are the same is kept."""
+    from sbida.runs import Run
+
+    run = Run("l96-tiny", ["baselines={}"], out=tmp_path, progress=False, echo=False)
+    first = run.train()
+    log = (tmp_path / "log.txt").read_text()
+    assert "warning" not in log and first["npe"]["requested"]["fit"]["epochs"] == 1
+    same = Run("l96-tiny", ["baselines={}"], out=tmp_path, progress=False, echo=False)
+    assert same.train()["npe"]["seconds"] == first["npe"]["seconds"]  # kept, not trained again
+    other = Run("l96-tiny", ["baselines={}", "task_overrides.simulator.F=9.0", "estimators.npe.fit.epochs=2"],
+                out=tmp_path, progress=False, echo=False)
+    again = other.train()
+    log = (tmp_path / "log.txt").read_text()
+    assert "simulated with another task configuration (simulator.F differ" in log
+    assert "settings changed since" in log and again["npe"]["epochs"] == 2
+
+
 def test_calibration_lines_name_every_kind_of_fit():
     """The run log's line for each calibration fit made at the end of a fit."""
     from sbida.runs import _calibration_lines
