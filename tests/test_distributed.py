@@ -101,6 +101,25 @@ def test_two_processes_match_one(tmp_path):
                                   "flow.couplings.0.inp.weight"])  # it trained
 
 
+def _timed_worker(rank, directory):
+    data = WindowDataset.open(os.path.join(directory, "data.h5"))
+    est = TinyGaussian(None, state_shape=(8,), obs_shape=(8,), window=3)
+    history = est.fit(data, None, epochs=10**4, batch_size=33, steps_per_epoch=5, max_time=1.5, progress=False,
+                      seed=3)
+    torch.save(history, os.path.join(directory, f"timed{rank}.pt"))
+
+
+def test_a_time_budget_gives_every_rank_the_same_learning_rate(tmp_path):
+    """With ``max_time`` the cosine schedule follows the elapsed time; the ranks agree on it (the slowest's), so their
+    learning rates, hence their steps, are the same."""
+    torch.set_num_threads(1)
+    make_data(tmp_path / "data.h5")
+    distributed.spawn(_timed_worker, 2, str(tmp_path))
+    h0, h1 = (torch.load(tmp_path / f"timed{r}.pt", weights_only=False) for r in (0, 1))
+    assert len(h0["lr"]) >= 3 and h0["lr"] == h1["lr"]  # epochs of 5 steps, ended by the time budget
+    assert h0["lr"][0] > h0["lr"][-2] > h0["lr"][-1]  # the schedule decayed with the elapsed time
+
+
 def test_shard_splits_a_global_batch():
     idx = torch.arange(33)
     parts = [distributed.shard(idx, r, 2) for r in range(2)]

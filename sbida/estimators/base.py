@@ -335,12 +335,15 @@ class Estimator(nn.Module):
         total = epochs * steps
         opt = torch.optim.AdamW(self.param_groups(lr, weight_decay), lr=lr, weight_decay=weight_decay)
         clock = [time.perf_counter()]  # the start of training (set below, after a resumed run's elapsed time)
+        agreed: list[float | None] = [None]  # with several ranks: the elapsed time of the slowest, after each step
 
         def budget_used(step: int) -> float:
-            """The fraction of the budget used: of the steps, or of ``max_time`` when that comes first."""
+            """The fraction of the budget used: of the steps, or of ``max_time`` when that comes first (with several
+            ranks, by the slowest rank's clock: every rank then follows the same learning-rate schedule)."""
             done = step / total
             if max_time is not None:
-                done = max(done, (time.perf_counter() - clock[0]) / max_time)
+                elapsed = agreed[0] if agreed[0] is not None else time.perf_counter() - clock[0]
+                done = max(done, elapsed / max_time)
             return min(done, 1.0)
 
         if schedule == "cosine":  # lr/100 + (lr - lr/100) (1 + cos(pi p)) / 2 over the budget's progress p
@@ -413,7 +416,8 @@ class Estimator(nn.Module):
                         loss.backward()
                         step_loss, late = float(loss.detach()), False
                     else:
-                        step_loss, late = self._parallel_step(model, view, idx, opt, max_time, t0)
+                        step_loss, late, agreed[0] = self._parallel_step(model, view, idx, opt, max_time, t0,
+                                                                         clock[0])
                         if not math.isfinite(step_loss):
                             raise FloatingPointError(f"the training loss became {step_loss} at epoch {epoch}, "
                                                      f"step {s}; lower lr or check the data")
@@ -532,9 +536,10 @@ class Estimator(nn.Module):
         return DistributedDataParallel(_LossOf(self), device_ids=ids, find_unused_parameters=True), synced
 
     def _parallel_step(self, model: DistributedDataParallel, view: Any, idx: Tensor, opt: torch.optim.Optimizer,
-                       max_time: float | None, t0: float) -> tuple[float, bool]:
+                       max_time: float | None, t0: float, clock0: float) -> tuple[float, bool, float | None]:
         """Gradients of the global batch ``idx`` from this rank's shard (averaged over ranks by DDP); returns the
-        loss of the global batch and whether any rank ran out of time."""
+        loss of the global batch, whether any rank ran out of time and (with ``max_time``) the largest elapsed time
+        since ``clock0`` over the ranks."""
         local = _dist.shard(idx)
         loss = model(self._batch(view, local))
         opt.zero_grad(set_to_none=True)
@@ -542,7 +547,11 @@ class Estimator(nn.Module):
         late = max_time is not None and time.perf_counter() - t0 > max_time
         stats = torch.stack([loss.detach().double() * len(local), loss.new_tensor(float(late), dtype=torch.float64)])
         stats = _dist.all_reduce(stats)
-        return float(stats[0]) / len(idx), bool(stats[1] > 0)
+        elapsed = None
+        if max_time is not None:
+            now = torch.tensor([time.perf_counter() - clock0], dtype=torch.float64, device=loss.device)
+            elapsed = float(_dist.all_reduce(now, "max")[0])
+        return float(stats[0]) / len(idx), bool(stats[1] > 0), elapsed
 
     # -- inference -----------------------------------------------------------------------------------------------
     def posterior(self, y: Tensor, mask: Tensor, t: Tensor | float, **kwargs: Any) -> Posterior:
