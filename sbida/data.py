@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -209,6 +210,7 @@ class H5Array:
             raise ValueError("H5Array needs at least one (path, dataset name) source")
         self.sources = [(str(p), str(name)) for p, name in sources]
         self._files: dict[str, Any] = {}
+        self._pid = os.getpid()
         lengths, tail, dtype = [], None, None
         for k, (path, name) in enumerate(self.sources):
             ds = self._dataset(k)
@@ -232,12 +234,14 @@ class H5Array:
         import h5py
 
         path, name = self.sources[k]
+        if self._pid != os.getpid():  # a forked process (DataLoader workers): its own handles, not the parent's
+            self._files, self._pid = {}, os.getpid()
         if path not in self._files:
             self._files[path] = h5py.File(path, "r")
         return self._files[path][name]
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_files": {}}  # file handles are reopened where unpickled (DataLoader workers)
+        return {**self.__dict__, "_files": {}}  # file handles are reopened where unpickled (spawned workers)
 
     def close(self) -> None:
         """Close the files (they are reopened on the next read)."""

@@ -1,6 +1,7 @@
 """Windows, datasets, HDF5 and splits."""
 
 import hashlib
+import os
 
 import pytest
 import torch
@@ -161,6 +162,28 @@ def test_streamed_dataset_holds_no_arrays(tmp_path):
     assert held and max(t.numel() for t in held) <= max(N, S)  # times, ids, targets: O(N + S), no (N, S, ...) array
     streamed.get(torch.arange(50))
     assert max(t.numel() for t in tensors(streamed)) <= max(N, S)  # reading caches nothing
+
+
+def _read_in_child(data, queue):
+    x = data.get(torch.arange(7))[0]
+    queue.put((x.tolist(), data.states._pid == os.getpid(), all(f.id.valid for f in data.states._files.values())))
+
+
+def test_a_forked_process_opens_its_own_files(tmp_path):
+    """DataLoader workers forked from a process that has read a streamed dataset open the files again (HDF5 handles
+    are not to be shared across a fork)."""
+    import multiprocessing as mp
+
+    streamed = WindowDataset.load(small(n_trajectories=4).save(tmp_path / "d.h5"), stream=True)
+    expected = streamed.get(torch.arange(7))[0]  # the parent has open handles now
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(streamed, queue))
+    child.start()
+    x, own, valid = queue.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0 and own and valid and torch.equal(torch.tensor(x, dtype=expected.dtype), expected)
+    assert torch.equal(streamed.get(torch.arange(7))[0], expected)  # the parent's handles still work
 
 
 def test_shards_opened_as_one_are_their_union(tmp_path):
