@@ -115,6 +115,11 @@ def coda_loss(x_t: Tensor, x_tw: Tensor, y_roll: Tensor, m_roll: Tensor, simulat
               observation: ObservationModel, every: int = 1, alpha: float = 1.0) -> tuple[Tensor, dict[str, float]]:
     """The CODA loss of a batch (module docstring).
 
+    The data term sums the squared residuals over the ``w + 1`` times, divided by ``sigma^2 D`` (the paper's sums:
+    ``(w + 1)(1 - p_missing)`` at the truth); a masked mean instead (about 1 there) would weigh ``alpha`` that many
+    times more. On ``lorenz96-sparse`` ``alpha = 6.5`` (that weighting) trained no better than 1
+    (``benchmarks/RESULTS.md``).
+
     Args:
         x_t: network estimates at the targets, simulator states ``(B, *state)``.
         x_tw: network estimates ``w`` saved states later, as outputs ``(B, *output)`` (ignored if ``alpha == 0``).
