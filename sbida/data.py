@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 from .observations import ObservationModel
 from .simulators.base import Simulator
 
-__all__ = ["Window", "WindowDataset", "H5Array", "simulate_windows", "simulate_shards", "shard_seed",
-           "simulate_trajectories"]
+__all__ = ["Window", "WindowDataset", "H5Array", "IndexPermutation", "simulate_windows", "simulate_shards",
+           "shard_seed", "simulate_trajectories"]
 
 FORMAT_VERSION = 1
 
@@ -189,6 +189,70 @@ def simulate_shards(simulator: Simulator, observation: ObservationModel, directo
         paths.append(data.save(directory / f"shard-{k:05d}.h5"))
         first += sizes[k]
     return paths
+
+
+class IndexPermutation:
+    """A random permutation of ``range(n)``, read by slices, that does not hold ``n`` indices when ``n`` is large.
+
+    Up to ``dense`` elements (default ``DENSE``, 4M) it is ``torch.randperm(n, generator=generator)`` (the same draw from the generator).
+    Above, position ``i`` maps to a keyed Feistel network of 6 rounds over the ``2**b >= n`` integers of an even
+    number of bits ``b`` (``2**b < 4 n``), walked again from any value ``>= n`` until it falls below ``n``: a bijection
+    of ``range(n)`` computed for the positions asked only, from 6 keys drawn from ``generator``. An epoch over a
+    dataset of ``10**9`` windows then costs no memory for its order (``torch.randperm`` would take 8 GB).
+
+    ``perm[a:b]`` (a slice with step 1) gives the ``(b - a,)`` int64 indices at positions ``a ... b - 1``; ``perm[:k]``
+    is a random subset of ``k`` distinct indices.
+    """
+
+    ROUNDS = 6
+    DENSE = 1 << 22
+
+    def __init__(self, n: int, generator: torch.Generator | None = None, dense: int | None = None):
+        n = int(n)
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if n > 2**62:
+            raise ValueError(f"at most 2**62 elements, got {n}")
+        self.n = n
+        if n <= (self.DENSE if dense is None else dense) or n < 4:
+            self._dense: Tensor | None = torch.randperm(n, generator=generator)
+            return
+        self._dense = None
+        bits = max(2, math.ceil(math.log2(n)))
+        self._half = (bits + bits % 2) // 2
+        self._mask = (1 << self._half) - 1
+        self._keys = [int(k) for k in torch.randint(0, 2**31, (self.ROUNDS,), generator=generator)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _round(self, r: Tensor, key: int) -> Tensor:
+        # integer mixing of 31-bit values: products stay below 2**63 (no int64 overflow)
+        h = ((r ^ key) & 0x7FFFFFFF) * 0x9E3779B1
+        h = ((h ^ (h >> 29)) & 0x7FFFFFFF) * 0x85EBCA6B
+        return (h ^ (h >> 31)) & self._mask
+
+    def _encrypt(self, x: Tensor) -> Tensor:
+        left, right = x >> self._half, x & self._mask
+        for key in self._keys:
+            left, right = right, left ^ self._round(right, key)
+        return (left << self._half) | right
+
+    def __getitem__(self, key: slice) -> Tensor:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError(f"an IndexPermutation is read by slices with step 1 (perm[a:b]), got {key!r}")
+        start, stop, _ = key.indices(self.n)
+        if self._dense is not None:
+            return self._dense[start:stop]
+        y = self._encrypt(torch.arange(start, max(start, stop), dtype=torch.int64))
+        out = y >= self.n
+        while bool(out.any()):  # cycle walking: a bijection of [0, 2**b) restricted to [0, n) stays one
+            y[out] = self._encrypt(y[out])
+            out = y >= self.n
+        return y
+
+    def __repr__(self) -> str:
+        return f"IndexPermutation(n={self.n}, {'dense' if self._dense is not None else 'Feistel'})"
 
 
 class H5Array:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .config import _coerce, load_yaml, parse_overrides, structured, to_yaml
+from .data import IndexPermutation
 
 __all__ = ["RunConfig", "EstimatorSpec", "BaselineSpec", "EvaluationConfig", "Run", "load_config", "available",
            "estimator_class", "resumable", "record_fit_settings", "fit_from_state"]
@@ -457,7 +458,7 @@ class Run:
         ev = self.config.evaluation
         N = len(test)
         g = torch.Generator().manual_seed(self.config.seed)
-        idx = torch.arange(N) if N <= ev.max_windows else torch.randperm(N, generator=g)[:ev.max_windows].sort().values
+        idx = torch.arange(N) if N <= ev.max_windows else IndexPermutation(N, g)[:ev.max_windows].sort().values
         reference = methods.get(ev.reference) if ev.reference else None
         results = {}
         for label, method in methods.items():

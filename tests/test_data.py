@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from sbida.data import Window, WindowDataset, simulate_windows
+from sbida.data import IndexPermutation, Window, WindowDataset, simulate_windows
 from sbida.observations import RandomMask, Stations
 from sbida.simulators import Lorenz96
 
@@ -217,3 +217,53 @@ def test_shards_opened_as_one_are_their_union(tmp_path):
         WindowDataset.concat([a, one])
     with pytest.raises(ValueError, match="shards"):
         simulate_shards(sim, obs, tmp_path, shards=0, n_trajectories=4)
+
+
+def test_index_permutation_is_a_random_bijection_read_by_slices():
+    # up to its dense size: torch.randperm's draw itself
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(IndexPermutation(1000, torch.Generator().manual_seed(3))[:], torch.randperm(1000, generator=g))
+    # above (forced here with dense=0): a keyed Feistel network, a bijection of range(n) for any n
+    for n in (1, 2, 3, 4, 5, 17, 1000, 4099):
+        perm = IndexPermutation(n, torch.Generator().manual_seed(n), dense=0)
+        full = perm[:]
+        assert torch.equal(full.sort().values, torch.arange(n)), n
+        assert torch.equal(perm[n // 3:n - 1], full[n // 3:n - 1]) and len(perm[n:n + 5]) == 0
+    a, b = (IndexPermutation(4099, torch.Generator().manual_seed(s), dense=0)[:] for s in (0, 1))
+    assert (a == b).float().mean() < 0.01
+    # random: the value at a position is uniform over seeds; neighbours and positions uncorrelated
+    first = torch.stack([IndexPermutation(1000, torch.Generator().manual_seed(s), dense=0)[:2] for s in range(600)])
+    counts = torch.bincount(first[:, 0] // 100, minlength=10).double()
+    assert float(((counts - 60) ** 2 / 60).sum()) < 27.9  # chi-square, 9 degrees of freedom, p = 0.001
+    big = IndexPermutation(10**6, torch.Generator().manual_seed(0), dense=0)[:].double()
+    assert abs(float(torch.corrcoef(torch.stack([big[1:], big[:-1]]))[0, 1])) < 0.01
+    assert abs(float(torch.corrcoef(torch.stack([big, torch.arange(10.0**6)]))[0, 1])) < 0.01
+    # 10**12 elements (8 TB as a randperm): the first windows of an epoch, distinct, spread over the range
+    huge = IndexPermutation(10**12, torch.Generator().manual_seed(0))
+    head = huge[:4096]
+    assert len(set(head.tolist())) == 4096 and int(head.min()) >= 0 and int(head.max()) < 10**12
+    assert abs(float(head.double().mean()) / 10**12 - 0.5) < 0.03
+    assert torch.equal(huge[10**11:10**11 + 7], huge[10**11:10**11 + 7])
+    with pytest.raises(TypeError, match="slices"):
+        huge[5]
+
+
+def test_training_on_a_large_dataset_visits_every_window_once_per_epoch(monkeypatch):
+    """Training reads its epochs through the Feistel permutation above ``DENSE`` windows (forced here)."""
+    from sbida.estimators import NPE
+    from sbida.tasks import get
+
+    monkeypatch.setattr(IndexPermutation, "DENSE", 0)
+    task = get("lorenz96", K=8, n_trajectories=4, n_states=30)
+    data = task.simulate(progress=False)
+    est = NPE(task, channels=8, depth=1, features=16, emb_features=8, transforms=2, hidden=[16])
+    seen = []
+    batch = est._batch
+    monkeypatch.setattr(est, "_batch", lambda view, idx: seen.append(idx.clone()) or batch(view, idx))
+    steps = len(data) // 16
+    est.fit(data, epochs=2, batch_size=16, progress=False)
+    first, second = torch.cat(seen[:steps]), torch.cat(seen[steps:2 * steps])
+    assert len(seen) == 2 * steps and len(first) == steps * 16
+    assert len(set(first.tolist())) == len(first) and len(set(second.tolist())) == len(second)
+    assert not torch.equal(first, second)  # a new order each epoch
+    assert torch.equal(first, IndexPermutation(len(data), torch.Generator().manual_seed(0), dense=0)[:steps * 16])

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..data import IndexPermutation
 from ..posterior import EnsemblePosterior, GaussianPosterior
 from .base import Baseline
 
@@ -251,7 +252,7 @@ class EnKS(_Ensemble):
             raise ValueError(f"the inflation grid must hold finite factors >= 1, got {grid}")
         g = torch.Generator().manual_seed(seed)
         n = min(int(n_windows), len(dataset))
-        idx = torch.randperm(len(dataset), generator=g)[:n]
+        idx = IndexPermutation(len(dataset), g)[:n]
         x, y, mask, t = dataset.get(idx)
         y, m, t = self.check_windows(y, mask, t)
         x = x.reshape(n, -1).to(torch.float64)

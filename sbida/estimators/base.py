@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .. import distributed as _dist
-from ..data import Window, WindowDataset
+from ..data import IndexPermutation, Window, WindowDataset
 from ..observations import ObservationModel
 from ..posterior import Posterior
 
@@ -191,7 +191,7 @@ class Estimator(nn.Module):
         """Estimate the standardization from (up to ``max_windows`` random windows of) a training set."""
         g = torch.Generator().manual_seed(seed)
         n = min(len(data), max_windows)
-        idx = torch.randperm(len(data), generator=g)[:n]
+        idx = IndexPermutation(len(data), g)[:n]
         x, y, m, t = data.get(idx)
         self._check_shapes(x, y, m, t)
         x = x.double()
@@ -260,7 +260,7 @@ class Estimator(nn.Module):
         """Sum of the per-window loss and number of windows, over the batches ``rank, rank + world, ...``."""
         data = self.training_view(data)
         n = len(data) if max_windows is None else min(len(data), max_windows)
-        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+        idx = IndexPermutation(len(data), torch.Generator().manual_seed(seed))[:n]
         was = self.training
         self.eval()
         total, count = 0.0, 0
@@ -401,7 +401,7 @@ class Estimator(nn.Module):
             while not stop:
                 self.train()
                 running, count = 0.0, 0
-                perm = torch.randperm(len(view), generator=order)
+                perm = IndexPermutation(len(view), order)  # no n indices held for large data
                 for s in range(steps):
                     i = (s * batch_size) % len(view)
                     idx = perm[i:i + batch_size]
@@ -498,7 +498,7 @@ class Estimator(nn.Module):
             raise ValueError(f"data must be a non-empty WindowDataset, got {data!r}")
         if windows < least:
             raise ValueError(f"need windows >= {least}, got {windows}")
-        return torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:windows]
+        return IndexPermutation(len(data), torch.Generator().manual_seed(seed))[:windows]
 
     def _check_tails(self, key: str) -> None:
         """Check the Student-t base settings ``key`` (``None`` or degrees of freedom > 2), ``key_fit`` (a bool) and

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data import WindowDataset
+from ..data import IndexPermutation, WindowDataset
 from ..nn.coda_unet import CODAUNet
 from ..observations import ObservationModel
 from ..posterior import GaussianPosterior, PointPosterior, Posterior
@@ -167,7 +167,7 @@ class CODA(Estimator):
     # -- standardization from observations only ------------------------------------------------------------------
     def fit_standardization(self, data: WindowDataset, max_windows: int = 20000, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(data), generator=g)[: min(len(data), max_windows)]
+        idx = IndexPermutation(len(data), g)[:min(len(data), max_windows)]
         _, y, m, t = data.get(idx)
         m = m.bool()
         ym, ys = _masked_stats(y, m, (0, 1))
@@ -270,7 +270,7 @@ class CODA(Estimator):
         last = int(max(self.lags))
         view = CODAWindows(data, last + n)  # a rollout reaching n states past the window
         g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(view), generator=g)[:windows]
+        idx = IndexPermutation(len(view), g)[:windows]
         yw, mw, _, _, yr, mr, t, _ = view.get(idx)
         was = self.training
         self.eval()
@@ -337,7 +337,7 @@ class CODA(Estimator):
             raise RuntimeError("fit CODA first: the refinement starts from the network's analyses")
         w = int(rollout)
         view = CODAWindows(data, w)
-        idx = torch.randperm(len(view), generator=torch.Generator().manual_seed(seed))[:windows]
+        idx = IndexPermutation(len(view), torch.Generator().manual_seed(seed))[:windows]
         yw, mw, _, _, y_roll, m_roll, t, _ = view.get(idx)
         self.eval()
         with torch.no_grad():

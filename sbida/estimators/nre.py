@@ -100,7 +100,7 @@ from lampe.inference import BNRELoss, NRELoss
 from torch import Tensor, nn
 from torch.distributions import AffineTransform, Distribution, Independent, Normal, TransformedDistribution
 
-from ..data import WindowDataset
+from ..data import IndexPermutation, WindowDataset
 from ..diagnostics.coverage import coverage_curve, default_levels, moments_and_distance
 from ..nn import GridFlow, IsotropicStudentT, WindowEncoder, periodic_conv, with_student_t_base
 from ..posterior import SamplerPosterior, fit_student_t, student_t_mixing
@@ -268,7 +268,7 @@ class NRE(Estimator):
         states (``C`` a correlation matrix shrunk by ``shrinkage`` towards the identity, or its diagonal)."""
         super().fit_standardization(data, max_windows, seed)
         g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(data), generator=g)[:min(len(data), max_windows)]
+        idx = IndexPermutation(len(data), g)[:min(len(data), max_windows)]
         x = ((data.get(idx)[0].double() - self.x_mean.double()) / self.x_std.double()).flatten(1)
         if self.hparams["marginal"] == "diag":
             self.marginal_tril.copy_(x.std(0))

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..data import IndexPermutation
 from ..diagnostics.evaluate import EvaluationResult, as_posterior_fn, evaluate
 from .plots import plot_coverage, plot_sbc, plot_spectrum, plot_tarp, plot_window
 
@@ -290,7 +291,7 @@ def write(results_or_estimators: Mapping[str, Any], dataset: Any, path: str | Pa
             N = len(dataset)
             g = torch.Generator().manual_seed(seed)
             indices = torch.arange(N) if max_windows is None or N <= max_windows else \
-                torch.randperm(N, generator=g)[:max_windows].sort().values
+                IndexPermutation(N, g)[:max_windows].sort().values
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             results[name] = evaluate(obj, dataset, n_samples=n_samples, batch_size=batch_size, reference=reference,
