@@ -194,11 +194,12 @@ def simulate_shards(simulator: Simulator, observation: ObservationModel, directo
 class IndexPermutation:
     """A random permutation of ``range(n)``, read by slices, that does not hold ``n`` indices when ``n`` is large.
 
-    Up to ``dense`` elements (default ``DENSE``, 4M) it is ``torch.randperm(n, generator=generator)`` (the same draw from the generator).
-    Above, position ``i`` maps to a keyed Feistel network of 6 rounds over the ``2**b >= n`` integers of an even
-    number of bits ``b`` (``2**b < 4 n``), walked again from any value ``>= n`` until it falls below ``n``: a bijection
-    of ``range(n)`` computed for the positions asked only, from 6 keys drawn from ``generator``. An epoch over a
-    dataset of ``10**9`` windows then costs no memory for its order (``torch.randperm`` would take 8 GB).
+    Up to ``dense`` elements (default ``DENSE``, 4M) it is ``torch.randperm(n, generator=generator)`` (the same
+    draw from the generator). Above, position ``i`` maps to a keyed Feistel network of 6 rounds over the ``2**b >= n``
+    integers of an even number of bits ``b`` (``2**b < 4 n``), walked again from any value ``>= n`` until it falls
+    below ``n``: a bijection of ``range(n)`` computed for the positions asked only, from 6 keys drawn from
+    ``generator``. An epoch over a dataset of ``10**9`` windows then costs no memory for its order
+    (``torch.randperm`` would take 8 GB).
 
     ``perm[a:b]`` (a slice with step 1) gives the ``(b - a,)`` int64 indices at positions ``a ... b - 1``; ``perm[:k]``
     is a random subset of ``k`` distinct indices.

@@ -686,3 +686,32 @@ def test_posterior_mode_setting_and_errors(tiny):
     rec = est.residual_weight_record
     assert rec["weight"] == est.fitted_weight and rec["weight"] in rec["grid"]
     assert rec["windows"] == min(64, len(val)) and rec["criterion"] == "coverage"
+
+
+def test_diagonal_heads_with_zero_residuals_compose_to_their_closed_form():
+    """Diagonal heads whose single-observation precisions fall below the prior's in some cells (clipped in the
+    composition): a residual network that outputs zero residuals (its U-Net's initialization) composes to the
+    heads' closed form at every residual weight (its rows' Gaussian baselines are clipped as the weights are)."""
+    task = sbida.tasks.get("linear-gaussian")
+    data = task.simulate(progress=False, n_trajectories=16)
+    torch.manual_seed(0)
+    est = ComposedScore(task, precision="diag", **SMALL)
+    est.fit_standardization(data)
+    with torch.no_grad():  # heads that vary by cell
+        for q in est.gauss_head.parameters():
+            q.add_(0.3 * torch.randn_like(q))
+    est.eval()
+    x, y, m, t = data.get(torch.tensor([300, 301]))
+    batch = est.standardize(None, y, m, t)
+    B, T, n = 2, est.T, 3
+    xs = torch.randn(n * B, *est.state_shape, generator=torch.Generator().manual_seed(1))
+    s = torch.full((n * B,), 0.4)
+    eps = {}
+    with torch.no_grad():
+        logvar = est._heads(batch, est.lags)[4].unflatten(0, (T + 1, B))
+        assert float((logvar[:T] > logvar[T]).float().mean()) > 0.02  # clipped cells exist
+        for w in (0.0, 1.0):
+            est.hparams["residual_weight"] = w
+            eps[w] = est._composed(batch, est.lags, "gauss")(n, None)(xs, s)
+    assert float(eps[0.0].abs().max()) > 1
+    torch.testing.assert_close(eps[1.0], eps[0.0], atol=1e-5, rtol=1e-5)

@@ -20,7 +20,9 @@ by its negative log-likelihood next to the score loss); the precisions are **dia
 ``S_k^{-1} - S_0^{-1}`` are clipped at zero, so that the weights of the composition sum to one and the prior's is at
 most ``T - 1`` in magnitude. (Without the clipping, estimated ``S_k^{-1}`` below ``S_0^{-1}`` made ``Lambda_s``
 small or negative; the weights then summed to a negative number, the composed score pushed samples away from the
-data, and lorenz96 K=40 samples diverged to RMSE 240.) ``precision="full"`` (``"auto"``, the default: full for
+data, and lorenz96 K=40 samples diverged to RMSE 240.) A residual network's rows take the clipped head as their
+Gaussian baseline at sampling (trained beside the unclipped one), so that zero residuals compose to the heads'
+closed form exactly at every residual weight. ``precision="full"`` (``"auto"``, the default: full for
 1-D states of up to ``FULL_MAX`` cells, diagonal otherwise): the head predicts **full** precisions, the prior's as
 ``P_0 = diag(exp(-logvar_0)) + V_0^T V_0`` and a single observation's as ``P_0 + V_k^T V_k``, trained by the full
 Gaussian negative log-likelihood. The rows ``v_i`` of ``V`` come from a convolution that gives, at each cell ``i``,
@@ -941,9 +943,12 @@ class ComposedScore(Estimator):
         comp = None  # the full composition (full head or Jacobian precisions), else the diagonal one
         if full is not None and correction == "gauss":
             comp = FullComposition(full)
+        prec = torch.exp(-logvar).unflatten(0, (T + 1, B))  # (T+1, B, *state)
+        if full is None:  # the likelihood parts p_k - p_0 clipped at zero, as compose_eps and compose_heads clip them
+            prec = torch.cat([prec[T:] + (prec[:T] - prec[T:]).clamp_min(0), prec[T:]])
         base = None  # the Gaussian baseline of every row (k, b) of a residual network
-        if self._residual():
-            base = GaussianNoise(mean.flatten(1), torch.exp(-logvar).flatten(1) if full is None else full.flatten(0, 1))
+        if self._residual():  # with the clipped precisions: zero residuals compose to the heads' closed form exactly
+            base = GaussianNoise(mean.flatten(1), prec.flatten(0, 1).flatten(1) if full is None else full.flatten(0, 1))
         if correction == "gauss" and self.hparams["precision"] == "jacobian":
             def row_eps(xs: Tensor, rows: Tensor, s: Tensor) -> Tensor:
                 xs = xs.reshape(-1, *self.state_shape)
@@ -952,7 +957,6 @@ class ComposedScore(Estimator):
 
             comp = FullComposition(denoiser_precision(row_eps, mean.flatten(1), self.schedule, snr=PRECISION_SNR,
                                                       rows=int(self.hparams["sample_rows"])).unflatten(0, (T + 1, B)))
-        prec = torch.exp(-logvar).unflatten(0, (T + 1, B))  # (T+1, B, *state)
         # the (T + 1) B conditions, rows (k, b): their share of the network computed once, not at every step
         net = self.net.conditioned(tt, ctx, vec)
         c2, nu = float(self.hparams["gaussian_scale"]) ** 2, self.hparams["gaussian_tails"]
