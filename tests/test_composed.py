@@ -201,7 +201,7 @@ def test_residual_network_draws_the_calibrated_composition(power):
     r2_exact = cal.mahalanobis(cal.sample(4000, generator=gen)).flatten()
     r2 = cal.mahalanobis(est.posterior(y, m, t, steps=16, corrections=1).sample(4000, generator=gen)).flatten()
     r2_raw = cal.mahalanobis(est.posterior(y, m, t, steps=16, corrections=1, calibrated=False).sample(
-        4000, generator=gen)).flatten()
+        1000, generator=gen)).flatten()  # its mean only (standard error 0.008 D)
     assert abs(float(r2.mean()) / D - 1) < 0.1, float(r2.mean()) / D  # the exact draws' mean is D
     if power == 1.0:
         assert abs(float(r2_raw.mean()) * 1.5**2 / D - 1) < 0.1, float(r2_raw.mean()) / D
@@ -438,11 +438,12 @@ MEDIUM = {"channels": 16, "depth": 1, "features": 32, "emb_features": 16, "unet_
 
 @pytest.fixture(scope="module")
 def lg():
-    """A composed-mode model trained on the linear-Gaussian task on a small budget, and 48 test windows with their
-    exact posteriors."""
+    """A composed-mode model trained on the linear-Gaussian task on a small budget (its residual weight left at 1,
+    the composition as trained: the fit of the weight has its own test), and 48 test windows with their exact
+    posteriors."""
     task = sbida.tasks.get("linear-gaussian")
     train, val, test = task.simulate(progress=False, n_trajectories=256).split(0.8, 0.1, 0.1)
-    est = ComposedScore(task, **MEDIUM)
+    est = ComposedScore(task, residual_weight_fit=False, **MEDIUM)
     est.fit(train, val, epochs=5, batch_size=256, lr=2e-3, seed=0, progress=False)
     x, y, m, t = test.get(torch.arange(0, len(test), len(test) // 24)[:24])
     mean, cov = task.simulator.exact_posterior(y, m, t, task.observation, test.window.offsets(),
