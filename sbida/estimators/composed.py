@@ -129,6 +129,13 @@ PRECISION_SNR = 4.0  # mu^2 / sigma^2 where the Jacobians of the noise predictio
 __all__ = ["ComposedScore", "compose_eps", "FullComposition", "GaussianNoise", "denoiser_precision"]
 
 
+def clip_likelihoods(precision: Tensor) -> Tensor:
+    """Diagonal precisions ``(T + 1, ...)`` of ``T`` single-observation posteriors and of the prior (last) with the
+    likelihood parts ``S_k^{-1} - S_0^{-1}`` clipped at zero (a likelihood cannot lower the precision)."""
+    p0 = precision[-1:]
+    return torch.cat([p0 + (precision[:-1] - p0).clamp_min(0), p0])
+
+
 def compose_eps(eps: Tensor, precision: Tensor, r: Tensor | float, correction: str = "gauss") -> Tensor:
     """Noise prediction of the window posterior from those of single observations and of the prior (diagonal).
 
@@ -148,11 +155,10 @@ def compose_eps(eps: Tensor, precision: Tensor, r: Tensor | float, correction: s
     w = w.reshape(T + 1, *([1] * (eps.dim() - 1)))
     if correction == "none":
         return (w * eps).sum(0)
-    p0 = precision[T]
     # likelihood precisions P_k - P_0 projected on >= 0 (a likelihood cannot lower the precision): the weights then
     # sum to one and the prior's weight is at most T - 1 in magnitude, however noisy the estimated precisions
-    p = torch.cat([p0 + (precision[:T] - p0).clamp_min(0), p0[None]])
-    post = p[:T].sum(0) + (1 - T) * p0
+    p = clip_likelihoods(precision)
+    post = p[:T].sum(0) + (1 - T) * p[T]
     return (w * (p + r) * eps).sum(0) / (post + r)
 
 
@@ -539,7 +545,7 @@ class ComposedScore(Estimator):
             P = 0.5 * (P + P.mT)
             return torch.cholesky_solve(h[..., None], torch.linalg.cholesky(P))[..., 0], P
         p = torch.exp(-logvar.flatten(1)).unflatten(0, (T + 1, B))
-        p = torch.cat([p[T] + (p[:T] - p[T]).clamp_min(0), p[T:]])
+        p = clip_likelihoods(p)
         P = p[:T].sum(0) - (T - 1) * p[T]
         return ((p[:T] * mean[:T]).sum(0) - (T - 1) * p[T] * mean[T]) / P, P
 
@@ -950,7 +956,7 @@ class ComposedScore(Estimator):
             comp = FullComposition(full)
         prec = torch.exp(-logvar).unflatten(0, (T + 1, B))  # (T+1, B, *state)
         if full is None:  # the likelihood parts p_k - p_0 clipped at zero, as compose_eps and compose_heads clip them
-            prec = torch.cat([prec[T:] + (prec[:T] - prec[T:]).clamp_min(0), prec[T:]])
+            prec = clip_likelihoods(prec)
         base = None  # the Gaussian baseline of every row (k, b) of a residual network
         if self._residual():  # with the clipped precisions: zero residuals compose to the heads' closed form exactly
             base = GaussianNoise(mean.flatten(1), prec.flatten(0, 1).flatten(1) if full is None else full.flatten(0, 1))
